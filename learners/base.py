@@ -1,0 +1,70 @@
+"""The one learner interface every towerstream learner speaks (River-like).
+
+An example ``x`` is a flat mapping built from an event by :func:`event_to_x`:
+
+* ``"user_id"`` and ``"item_id"``: the ids, as strings;
+* ``"u:<name>"``: each user feature, ``"i:<name>"``: each item feature;
+* ``"ctx:position"``: the slot the item was shown in (absent at serving time).
+
+Values are strings (categories), numbers, or tuples of strings (multi-valued). ``y`` is
+the click label, 0 or 1. Learners never mutate ``x``.
+
+>>> from streams.events import Event
+>>> e = Event(kind="impression", event_id="e", event_time=0.0, user_id="u1", request_id="r",
+...           user_features={"age": "18-24"}, item_id="i2", item_features={"cat": "c1"},
+...           label=0, position=3)
+>>> sorted(event_to_x(e).items())
+[('ctx:position', 3), ('i:cat', 'c1'), ('item_id', 'i2'), ('u:age', '18-24'), ('user_id', 'u1')]
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+from streams.events import Event, FeatureValue
+
+__all__ = ["Learner", "X", "event_to_x", "USER_PREFIX", "ITEM_PREFIX", "CTX_PREFIX"]
+
+X = Mapping[str, FeatureValue]
+USER_PREFIX = "u:"
+ITEM_PREFIX = "i:"
+CTX_PREFIX = "ctx:"
+
+
+def event_to_x(event: Event, *, with_position: bool = True) -> dict[str, FeatureValue]:
+    """The learner-facing example of an impression or click (or a request: no item)."""
+    x: dict[str, FeatureValue] = {"user_id": event.user_id}
+    for name, value in event.user_features.items():
+        x[USER_PREFIX + name] = value
+    if event.item_id is not None:
+        x["item_id"] = event.item_id
+        for name, value in event.item_features.items():
+            x[ITEM_PREFIX + name] = value
+    if with_position and event.position is not None:
+        x[CTX_PREFIX + "position"] = event.position
+    return x
+
+
+@runtime_checkable
+class Learner(Protocol):
+    """What the stream runtime needs from a learner.
+
+    ``predict_proba_*`` return P(click); batched methods take and return arrays of
+    shape (B,). ``state_dict``/``load_state_dict`` round-trip everything needed to
+    continue learning bit-for-bit (checkpoints add the Kafka offsets beside it).
+    A method a learner cannot support raises ``NotImplementedError``.
+    """
+
+    def predict_proba_one(self, x: X) -> float: ...
+
+    def learn_one(self, x: X, y: int) -> None: ...
+
+    def predict_proba_many(self, xs: Sequence[X]) -> np.ndarray: ...
+
+    def learn_many(self, xs: Sequence[X], ys: np.ndarray) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
