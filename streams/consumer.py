@@ -1,0 +1,302 @@
+"""The event consumer: poll, decode + validate, dead-letter the bad, hand over, commit.
+
+:class:`EventConsumer` turns Kafka records into validated :class:`~streams.events.Event`
+batches. Every record is decoded with :func:`~streams.events.decode_event`; a record
+that fails goes to the dead-letter topic with its reason (see :mod:`streams.deadletter`)
+and the consumer keeps going. A batch is handed over only after its dead letters are
+acknowledged, and :meth:`EventConsumer.run` commits the batch's offsets only after the
+handler returned: a consumer that crashes anywhere resumes from the last commit and
+loses nothing (at-least-once; the handler may see a batch again after a crash).
+
+Duplicate delivery: the consumer remembers, per partition, the next offset it expects
+(:meth:`EventConsumer.skip_below`); a record below it is skipped, not handed over again.
+The learner runtime seeds it from its checkpoint so a replayed record is never learned
+twice.
+
+Use :func:`open_event_consumer` to build one from settings::
+
+    ec = open_event_consumer(settings, "my-group", [topics.events], topics.dead_letter)
+    ec.run(lambda batch: handle(batch.events), idle_timeout_s=5)
+    ec.close()
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping, Sequence
+
+from streams.deadletter import DeadLetterWriter
+from streams.errors import EventValidationError
+from streams.events import Event, decode_event
+from streams.transport import (
+    Consumer,
+    KafkaSettings,
+    Producer,
+    RebalanceCallback,
+    Record,
+    TopicPartition,
+    make_consumer,
+    make_producer,
+)
+
+__all__ = ["EventBatch", "EventConsumer", "ConsumerCounts", "open_event_consumer"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EventBatch:
+    """What one poll produced.
+
+    Attributes
+    ----------
+    events, records
+        The valid events, in consumption order, and the record each came from
+        (``records[i]`` carried ``events[i]``).
+    offsets
+        Next offset per partition covering every new record of the batch, valid and
+        dead-lettered (skipped duplicates never move an offset back). Commit these once
+        the batch is handled.
+    dead_lettered
+        How many records of this batch went to the dead-letter topic.
+    duplicates
+        How many records were skipped as already handled (below :meth:`EventConsumer.skip_below`).
+    """
+
+    events: Sequence[Event]
+    records: Sequence[Record]
+    offsets: Mapping[TopicPartition, int]
+    dead_lettered: int = 0
+    duplicates: int = 0
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+
+@dataclass
+class ConsumerCounts:
+    """Running totals of one :class:`EventConsumer` (records = events + dead + duplicates)."""
+
+    records: int = 0
+    events: int = 0
+    dead_lettered: int = 0
+    duplicates: int = 0
+    batches: int = 0
+    commits: int = 0
+    by_reason: dict[str, int] = field(default_factory=dict)
+
+
+class EventConsumer:
+    """Decode + validate + dead-letter loop over a :class:`~streams.transport.Consumer`.
+
+    Parameters
+    ----------
+    consumer
+        A consumer from :func:`~streams.transport.make_consumer` (not yet subscribed:
+        subscribe through :meth:`subscribe` so rebalances are tracked).
+    dead_letters
+        Where bad records go.
+    batch_size
+        Most records per batch (decoded events plus rejected records).
+    poll_timeout_s
+        How long one poll waits for records.
+    """
+
+    def __init__(self, consumer: Consumer, dead_letters: DeadLetterWriter, *, batch_size: int = 1000,
+                 poll_timeout_s: float = 0.5, producer: Producer | None = None) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.consumer = consumer
+        self.dead_letters = dead_letters
+        self.batch_size = batch_size
+        self.poll_timeout_s = poll_timeout_s
+        self.counts = ConsumerCounts()
+        self._producer = producer  # closed with the consumer when we built it
+        self._floor: dict[TopicPartition, int] = {}
+        self._buffer: list[Record] = []
+        self._stop = threading.Event()
+
+    # ------------------------------------------------------------------ group membership
+
+    def subscribe(self, topics: Sequence[str], *, on_assigned: RebalanceCallback | None = None,
+                  on_revoked: RebalanceCallback | None = None) -> None:
+        """Join the group for ``topics``. ``on_revoked`` runs before partitions are given up
+        (commit there); ``on_assigned`` may call :meth:`seek` to choose start offsets."""
+
+        def revoked(partitions: list[TopicPartition]) -> None:
+            if on_revoked is not None:
+                on_revoked(partitions)
+            self.forget(partitions)
+
+        def assigned(partitions: list[TopicPartition]) -> None:
+            self.forget(partitions)
+            if on_assigned is not None:
+                on_assigned(partitions)
+
+        self.consumer.subscribe(topics, on_assigned=assigned, on_revoked=revoked)
+
+    def forget(self, partitions: Iterable[TopicPartition]) -> None:
+        """Drop buffered records and the duplicate floor of ``partitions`` (they were
+        revoked or are being re-positioned)."""
+        gone = set(partitions)
+        if not gone:
+            return
+        self._buffer = [r for r in self._buffer if (r.topic, r.partition) not in gone]
+        for tp in gone:
+            self._floor.pop(tp, None)
+
+    def seek(self, partition: TopicPartition, offset: int) -> None:
+        """Continue ``partition`` at ``offset`` (drops what was buffered for it)."""
+        self._buffer = [r for r in self._buffer if (r.topic, r.partition) != partition]
+        self.consumer.seek(partition, offset)
+
+    def skip_below(self, offsets: Mapping[TopicPartition, int]) -> None:
+        """From now on skip records whose offset is below ``offsets[partition]``: they were
+        handled already (a checkpoint holds them)."""
+        for tp, off in offsets.items():
+            tp = TopicPartition(*tp)
+            if off > self._floor.get(tp, -1):
+                self._floor[tp] = off
+
+    # ------------------------------------------------------------------ the loop
+
+    def poll_batch(self, max_events: int | None = None, timeout_s: float | None = None) -> EventBatch | None:
+        """Poll, decode and validate up to ``batch_size`` records (and at most
+        ``max_events`` valid events). Dead letters of the batch are acknowledged before it
+        is returned. ``None`` when nothing arrived within the timeout."""
+        limit = self.batch_size
+        if self._buffer:
+            records, self._buffer = self._buffer, []
+        else:
+            records = self.consumer.poll(limit, self.poll_timeout_s if timeout_s is None else timeout_s)
+            if not records:
+                return None
+        if len(records) > limit:
+            self._buffer, records = records[limit:] + self._buffer, records[:limit]
+        want = len(records) if max_events is None else max_events
+        events: list[Event] = []
+        good: list[Record] = []
+        offsets: dict[TopicPartition, int] = {}
+        floor = self._floor
+        dead = dups = 0
+        taken = 0
+        for rec in records:
+            if len(events) >= want:
+                break
+            taken += 1
+            key = (rec.topic, rec.partition)
+            if floor and rec.offset < floor.get(key, -1):
+                dups += 1  # handled before; the floor already covers its offset
+                continue
+            offsets[key] = rec.offset + 1
+            try:
+                if rec.value is None:
+                    raise EventValidationError("the record has no value (a tombstone?)", reason="json")
+                event = decode_event(rec.value)
+            except EventValidationError as exc:
+                self.dead_letters.write(rec, exc.reason, str(exc))
+                dead += 1
+                continue
+            except (ValueError, TypeError, OverflowError) as exc:  # a validator gap: keep the record
+                self.dead_letters.write(rec, "invalid", f"{type(exc).__name__}: {exc}")
+                dead += 1
+                continue
+            events.append(event)
+            good.append(rec)
+        if taken < len(records):
+            self._buffer = records[taken:] + self._buffer
+        if dead:
+            self.dead_letters.flush()
+        tp_offsets = {TopicPartition(*k): v for k, v in offsets.items()}
+        for tp, off in tp_offsets.items():
+            if off > floor.get(tp, -1):
+                floor[tp] = off
+        c = self.counts
+        c.records += taken
+        c.events += len(events)
+        c.dead_lettered += dead
+        c.duplicates += dups
+        c.batches += 1
+        if dead:
+            c.by_reason = dict(self.dead_letters.counts)
+        return EventBatch(events, good, tp_offsets, dead, dups)
+
+    def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
+        """Commit next offsets to the group (after the batch was handled)."""
+        if offsets:
+            self.consumer.commit(offsets)
+            self.counts.commits += 1
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to return after the batch in hand (thread- and signal-safe)."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def run(self, handler: Callable[[EventBatch], None], *, max_events: int | None = None,
+            idle_timeout_s: float | None = None, clock: Callable[[], float] = time.monotonic) -> ConsumerCounts:
+        """Handle batches until :meth:`stop`, ``max_events`` valid events, or
+        ``idle_timeout_s`` without a record. Each batch: handler, then commit. An exception
+        from the handler propagates and nothing of that batch is committed."""
+        handled = 0
+        last_record = clock()
+        while not self._stop.is_set():
+            left = None if max_events is None else max_events - handled
+            if left is not None and left <= 0:
+                break
+            batch = self.poll_batch(max_events=left)
+            now = clock()
+            if batch is None:
+                if idle_timeout_s is not None and self.idle_for(now - last_record, idle_timeout_s):
+                    break
+                if not self.consumer.assignment():
+                    last_record = now  # waiting for a rebalance is not being idle
+                continue
+            last_record = now
+            if batch.events:
+                handler(batch)
+            handled += len(batch.events)
+            self.commit(batch.offsets)
+        return self.counts
+
+    def idle_for(self, quiet_s: float, idle_timeout_s: float) -> bool:
+        """Whether ``quiet_s`` without a record is an idle timeout: only while partitions
+        are assigned (a group still rebalancing after a crash is not idle)."""
+        if quiet_s < idle_timeout_s or not self.consumer.assignment():
+            return False
+        log.info("no record for %.1f s: stopping", quiet_s)
+        return True
+
+    def close(self) -> None:
+        """Close the consumer (and the dead-letter producer when we built it)."""
+        try:
+            self.consumer.close()
+        finally:
+            if self._producer is not None:
+                self._producer.close()
+
+
+def open_event_consumer(
+    settings: KafkaSettings,
+    group_id: str,
+    topics: Sequence[str],
+    dead_letter_topic: str,
+    *,
+    batch_size: int = 1000,
+    poll_timeout_s: float = 0.5,
+    on_assigned: RebalanceCallback | None = None,
+    on_revoked: RebalanceCallback | None = None,
+) -> EventConsumer:
+    """An :class:`EventConsumer` subscribed to ``topics`` in ``group_id``, with its own
+    dead-letter producer. Close it with :meth:`EventConsumer.close`."""
+    producer = make_producer(settings)
+    consumer = make_consumer(settings, group_id, max_poll_records=batch_size)
+    writer = DeadLetterWriter(producer, dead_letter_topic, group_id)
+    ec = EventConsumer(consumer, writer, batch_size=batch_size, poll_timeout_s=poll_timeout_s, producer=producer)
+    ec.subscribe(topics, on_assigned=on_assigned, on_revoked=on_revoked)
+    return ec
