@@ -1,0 +1,406 @@
+"""From flat examples ``x`` to embedding rows: collisionless, growable id tables.
+
+Why collisionless tables rather than hashing
+--------------------------------------------
+A stream keeps bringing ids never seen before (new users, new items). Two answers:
+
+* *hashing* into a fixed table: no bookkeeping, but two ids that share a bucket share a
+  vector forever; with a table small enough to be cheap the collision rate on the id
+  features (the strongest signal a two-tower has) is high, and a popular new item can
+  land on the row of an old one and inherit its vector;
+* *collisionless tables* (Monolith, Liu et al. 2022): a dict ``key -> row`` per
+  feature, rows handed out from a free list, the table grows when full, and rows of
+  ids unseen for ``expire_after`` steps go back to the free list (re-initialised when
+  reused).
+
+We take the second: every id gets its own row, so a new id is learnable from its very
+first event without disturbing others, memory follows the *live* id population instead
+of the hash space, and expiry bounds it. The cost is one dict lookup per feature value,
+which is also the cache of per-string indices the hot path needs anyway (strings are
+never re-hashed into indices). A full table at ``max_rows`` evicts its least recently
+seen rows rather than failing.
+
+All fields share one :class:`EmbeddingStore` (one weight matrix, one ``unique`` and one
+gather per batch); each field has its own key namespace, so ``u:age=25`` and
+``i:year=25`` never meet. Multi-valued features (tuples) become bags averaged by
+``embedding_bag``; a missing feature, or an unknown key at prediction time, is an empty
+bag (a zero vector). Numbers are categories too: integers by value, other floats by
+their two significant digits.
+
+>>> import torch
+>>> store = EmbeddingStore(dim=4, generator=torch.Generator().manual_seed(0))
+>>> enc = FeatureEncoder(store, user_fields=("user_id", "u:age"), item_fields=("item_id", "i:genres"))
+>>> xs = [{"user_id": "u1", "u:age": 25, "item_id": "i1", "i:genres": ("a", "b")}]
+>>> batch = enc.encode(xs, xs, insert=True)
+>>> batch.user.offsets.tolist(), batch.item.offsets.tolist(), len(store)
+([0, 1], [0, 1], 5)
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from itertools import chain
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from learners.base import ITEM_PREFIX, USER_PREFIX
+
+__all__ = ["EmbeddingStore", "FeatureEncoder", "TowerIndex", "EncodedBatch", "infer_fields", "feature_key"]
+
+logger = logging.getLogger(__name__)
+
+
+def feature_key(value: Any) -> Any:
+    """The dict key of one categorical value (numbers become categories).
+
+    >>> feature_key("x"), feature_key(3), feature_key(3.0), feature_key(0.123456), feature_key(True)
+    ('x', 3, 3, 0.12, 1)
+    """
+    if type(value) is str:
+        return value
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        if value.is_integer():
+            return int(value)
+        return float(f"{value:.2g}")
+    return str(value)
+
+
+def infer_fields(xs: Sequence[Mapping[str, Any]]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """User and item field names seen in ``xs``: ids first, then sorted side features.
+
+    >>> infer_fields([{"user_id": "u", "u:b": 1, "u:a": 2, "item_id": "i", "i:c": "x", "ctx:position": 0}])
+    (('user_id', 'u:a', 'u:b'), ('item_id', 'i:c'))
+    """
+    user: set[str] = set()
+    item: set[str] = set()
+    for x in xs:
+        for k in x:
+            if k.startswith(USER_PREFIX):
+                user.add(k)
+            elif k.startswith(ITEM_PREFIX):
+                item.add(k)
+    return ("user_id", *sorted(user)), ("item_id", *sorted(item))
+
+
+class EmbeddingStore:
+    """Rows of embeddings for every (field, key), with Adagrad state, growth and expiry.
+
+    Parameters
+    ----------
+    dim
+        Width of every row.
+    generator
+        The random source for row initialisation (owned by the learner: deterministic).
+    initial_rows, max_rows
+        Starting capacity, and the cap that growth (doubling) stops at.
+    expire_after
+        Free rows whose key was not seen for this many steps (``None``: never).
+    init_std
+        Standard deviation of a new row.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        generator: torch.Generator,
+        *,
+        initial_rows: int = 4096,
+        max_rows: int = 1 << 22,
+        expire_after: int | None = None,
+        init_std: float = 0.05,
+    ) -> None:
+        if initial_rows < 1 or max_rows < initial_rows:
+            raise ValueError(f"need 1 <= initial_rows <= max_rows, got {initial_rows}, {max_rows}")
+        self.dim = dim
+        self.generator = generator
+        self.max_rows = max_rows
+        self.expire_after = expire_after
+        self.init_std = init_std
+        self.weight = torch.zeros(initial_rows, dim)
+        self.accum = torch.zeros(initial_rows, dim)
+        self.last_seen = np.zeros(initial_rows, dtype=np.int64)
+        self.live = np.zeros(initial_rows, dtype=bool)
+        self.row_owner: list[tuple[str, Any] | None] = [None] * initial_rows
+        self.tables: dict[str, dict[Any, int]] = {}
+        self.free: list[int] = []
+        self.next_row = 0
+        self.evicted = 0
+        self.expired = 0
+        self.releases = 0
+        self._pending: list[int] = []
+
+    def __len__(self) -> int:
+        return self.next_row - len(self.free)
+
+    @property
+    def capacity(self) -> int:
+        return self.weight.shape[0]
+
+    def table(self, field: str) -> dict[Any, int]:
+        """The key -> row dict of one field (created on first use)."""
+        t = self.tables.get(field)
+        if t is None:
+            t = self.tables[field] = {}
+        return t
+
+    def allocate(self, field: str, key: Any) -> int:
+        """A fresh row for ``key`` of ``field``: reused, new, after growth, or evicted."""
+        if self.free:
+            row = self.free.pop()
+        else:
+            if self.next_row == self.capacity:
+                if self.capacity < self.max_rows:
+                    self._grow(min(self.max_rows, 2 * self.capacity))
+                else:
+                    self._evict_oldest(max(1, self.capacity // 16))
+            if self.free:
+                row = self.free.pop()
+            else:
+                row = self.next_row
+                self.next_row += 1
+        self.tables[field][key] = row
+        self.row_owner[row] = (field, key)
+        self.live[row] = True
+        self._pending.append(row)
+        return row
+
+    def init_pending(self, step: int) -> None:
+        """Initialise the rows allocated since the last call (in allocation order)."""
+        if not self._pending:
+            return
+        rows = torch.tensor(self._pending, dtype=torch.long)
+        self._pending = []
+        self.weight[rows] = torch.randn(len(rows), self.dim, generator=self.generator) * self.init_std
+        self.accum[rows] = 0.0
+        self.last_seen[rows.numpy()] = step
+
+    def touch(self, rows: np.ndarray, step: int) -> None:
+        self.last_seen[rows] = step
+
+    def expire(self, step: int) -> int:
+        """Free every row unseen for more than ``expire_after`` steps; returns the count."""
+        if self.expire_after is None:
+            return 0
+        n = self.next_row
+        stale = np.flatnonzero(self.live[:n] & (self.last_seen[:n] < step - self.expire_after))
+        self._release(stale)
+        self.expired += len(stale)
+        return len(stale)
+
+    def _release(self, rows: np.ndarray) -> None:
+        if len(rows):
+            self.releases += 1
+        for r in rows.tolist():
+            owner = self.row_owner[r]
+            if owner is not None:
+                del self.tables[owner[0]][owner[1]]
+                self.row_owner[r] = None
+                self.live[r] = False
+                self.free.append(r)
+
+    def _evict_oldest(self, n: int) -> None:
+        live = np.flatnonzero(self.live[: self.next_row])
+        order = live[np.argsort(self.last_seen[live], kind="stable")[:n]]
+        self._release(order)
+        self.evicted += len(order)
+        logger.info("embedding store full at %d rows: evicted the %d least recently seen", self.capacity, len(order))
+
+    def _grow(self, new_rows: int) -> None:
+        old = self.capacity
+        for name in ("weight", "accum"):
+            t = getattr(self, name)
+            grown = torch.zeros(new_rows, self.dim)
+            grown[:old] = t
+            setattr(self, name, grown)
+        last = np.zeros(new_rows, dtype=np.int64)
+        last[:old] = self.last_seen
+        self.last_seen = last
+        live = np.zeros(new_rows, dtype=bool)
+        live[:old] = self.live
+        self.live = live
+        self.row_owner.extend([None] * (new_rows - old))
+
+    def gather(self, rows: torch.Tensor, requires_grad: bool) -> torch.Tensor:
+        """The rows ``rows`` (U,) as a (U, dim) leaf tensor (a copy)."""
+        sub = self.weight.index_select(0, rows)
+        return sub.requires_grad_(requires_grad)
+
+    def adagrad_(self, rows: torch.Tensor, grad: torch.Tensor, lr: float, eps: float = 1e-8) -> None:
+        """Sparse Adagrad on the unique rows ``rows`` (U,) with their gradient (U, dim)."""
+        acc = self.accum.index_select(0, rows).add_(grad * grad)
+        self.accum.index_copy_(0, rows, acc)
+        upd = grad.div_(acc.sqrt_().add_(eps)).mul_(lr)
+        self.weight.index_add_(0, rows, upd, alpha=-1.0)
+
+    def state_dict(self) -> dict[str, Any]:
+        n = self.capacity
+        return {
+            "dim": self.dim,
+            "weight": self.weight[:n].clone(),
+            "accum": self.accum[:n].clone(),
+            "last_seen": self.last_seen.copy(),
+            "tables": {f: dict(t) for f, t in self.tables.items()},
+            "free": list(self.free),
+            "next_row": self.next_row,
+            "evicted": self.evicted,
+            "expired": self.expired,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state["dim"] != self.dim:
+            raise ValueError(f"embedding width {state['dim']} in the state, {self.dim} in this learner")
+        self.weight = state["weight"].clone()
+        self.accum = state["accum"].clone()
+        self.last_seen = np.array(state["last_seen"], dtype=np.int64)
+        self.tables = {f: dict(t) for f, t in state["tables"].items()}
+        self.row_owner = [None] * self.capacity
+        self.live = np.zeros(self.capacity, dtype=bool)
+        for f, t in self.tables.items():
+            for k, r in t.items():
+                self.row_owner[r] = (f, k)
+                self.live[r] = True
+        self.free = list(state["free"])
+        self.next_row = int(state["next_row"])
+        self.evicted = int(state["evicted"])
+        self.expired = int(state["expired"])
+        self.releases += 1
+        self._pending = []
+
+
+@dataclass(frozen=True)
+class TowerIndex:
+    """One tower's bags, field-major: bag ``f * B + b`` holds field ``f`` of example ``b``.
+
+    ``inverse`` (N,) indexes the batch's unique rows, ``offsets`` (F*B,) is where each bag starts.
+    """
+
+    inverse: torch.Tensor
+    offsets: torch.Tensor
+    batch_size: int
+    n_fields: int
+
+
+@dataclass(frozen=True)
+class EncodedBatch:
+    """A batch of examples as rows: ``rows`` (U,) unique store rows shared by both towers;
+    ``user_keys`` / ``item_keys`` the ids of each side (``None`` where absent)."""
+
+    rows: torch.Tensor
+    user: TowerIndex | None
+    item: TowerIndex | None
+    user_keys: list[Any]
+    item_keys: list[Any]
+
+
+_EMPTY: tuple[int, ...] = ()
+
+
+class FeatureEncoder:
+    """Turns examples into :class:`EncodedBatch` es over one :class:`EmbeddingStore`.
+
+    The hot path is per field, not per example: the column of values is pulled out with
+    one comprehension and mapped through a per-field *bag cache* (value -> tuple of rows,
+    ``None`` -> empty) with ``map`` - C loops, no per-value Python branching. Values not in
+    the cache (new keys, tuples not seen in that combination, unknown keys at prediction
+    time) take the slow path once. The caches are dropped whenever the store frees rows.
+    """
+
+    def __init__(self, store: EmbeddingStore, user_fields: Sequence[str], item_fields: Sequence[str]) -> None:
+        if not user_fields or user_fields[0] != "user_id" or not item_fields or item_fields[0] != "item_id":
+            raise ValueError("user_fields must start with 'user_id' and item_fields with 'item_id'")
+        self.store = store
+        self.user_fields = tuple(user_fields)
+        self.item_fields = tuple(item_fields)
+        self._caches: dict[str, dict[Any, tuple[int, ...]]] = {}
+        self._cache_release = store.releases
+
+    def _cache(self, field: str) -> dict[Any, tuple[int, ...]]:
+        c = self._caches.get(field)
+        if c is None:
+            c = self._caches[field] = {None: _EMPTY}
+        return c
+
+    def _resolve(self, field: str, value: Any, insert: bool, cache: dict[Any, tuple[int, ...]]) -> tuple[int, ...]:
+        store = self.store
+        table = store.table(field)
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        rows = []
+        complete = True
+        for v in values:
+            k = feature_key(v)
+            r = table.get(k)
+            if r is None:
+                if not insert:
+                    complete = False
+                    continue
+                r = store.allocate(field, k)
+            rows.append(r)
+        bag = tuple(rows)
+        if complete:
+            try:
+                cache[value] = bag
+            except TypeError:  # an unhashable value (a list): not cached
+                pass
+        return bag
+
+    def _side(self, xs: Sequence[Mapping[str, Any]], fields: tuple[str, ...], insert: bool,
+              bags: list[tuple[int, ...]]) -> list[Any]:
+        ids: list[Any] = []
+        for f in fields:
+            col = [x.get(f) for x in xs]
+            if not ids:
+                ids = col
+            cache = self._cache(f)
+            try:
+                got = list(map(cache.__getitem__, col))
+            except (KeyError, TypeError):
+                got = []
+                for v in col:
+                    b = cache.get(v) if v.__hash__ is not None else None
+                    got.append(b if b is not None else self._resolve(f, v, insert, cache))
+            bags.extend(got)
+        return ids
+
+    def encode(self, user_xs: Sequence[Mapping[str, Any]] | None, item_xs: Sequence[Mapping[str, Any]] | None,
+               *, insert: bool, step: int = 0) -> EncodedBatch:
+        """Rows of the user side of ``user_xs`` and the item side of ``item_xs`` (either may
+        be ``None``). ``insert`` allocates rows for unknown keys (learning); otherwise
+        unknown keys are left out of their bags (prediction never grows the tables)."""
+        while True:
+            if self._cache_release != self.store.releases:
+                self._caches.clear()
+                self._cache_release = self.store.releases
+            ubags: list[tuple[int, ...]] = []
+            ibags: list[tuple[int, ...]] = []
+            user_keys = self._side(user_xs, self.user_fields, insert, ubags) if user_xs is not None else []
+            item_keys = self._side(item_xs, self.item_fields, insert, ibags) if item_xs is not None else []
+            if self._cache_release == self.store.releases:
+                break  # no row was freed while encoding: every row above is current
+        self.store.init_pending(step)
+        n_user = sum(map(len, ubags))
+        all_rows = np.fromiter(chain.from_iterable(ubags + ibags), dtype=np.int64, count=n_user + sum(map(len, ibags)))
+        uniq, inverse = np.unique(all_rows, return_inverse=True)
+        if insert:
+            self.store.touch(uniq, step)
+        inv = torch.from_numpy(inverse.astype(np.int64, copy=False))
+
+        def index(bags: list[tuple[int, ...]], lo: int, hi: int, b: int, n_fields: int) -> TowerIndex:
+            ln = np.fromiter(map(len, bags), dtype=np.int64, count=len(bags))
+            offsets = np.zeros(len(ln), dtype=np.int64)
+            np.cumsum(ln[:-1], out=offsets[1:])
+            return TowerIndex(inv[lo:hi], torch.from_numpy(offsets), b, n_fields)
+
+        return EncodedBatch(
+            rows=torch.from_numpy(uniq),
+            user=index(ubags, 0, n_user, len(user_xs), len(self.user_fields)) if user_xs is not None else None,
+            item=index(ibags, n_user, len(all_rows), len(item_xs), len(self.item_fields)) if item_xs is not None else None,
+            user_keys=user_keys,
+            item_keys=item_keys,
+        )

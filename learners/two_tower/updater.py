@@ -1,0 +1,493 @@
+"""The streaming two-tower learner: optimizer, micro-batching and the clock around the model.
+
+It speaks the learner protocol of :mod:`learners.base` (``predict_proba_many`` then
+``learn_many`` on each micro-batch of the stream) plus the two-tower extras
+(``encode_items``, ``encode_users``, ``item_features_of``, ``score_candidates``).
+
+Updates are sparse: per batch the unique embedding rows of both towers are gathered into
+one small leaf tensor, the backward pass gives its (U, e) gradient, and a row-wise sparse
+Adagrad writes it back (:meth:`EmbeddingStore.adagrad_`) - no full-table gradient, no
+``torch.sparse`` coalescing; the dense layers use Adam. The clock is the learner's own
+step counter (one per micro-batch): it drives row expiry and the item-frequency estimate,
+so a replay of the same events gives the same model. Everything that learning depends on
+(dense weights, Adam state, id tables, embedding rows and their Adagrad state, the
+frequency estimate, the random-negative buffer and RNG states, the step) is in
+``state_dict``: a restored learner makes the identical next update.
+
+>>> lrn = TwoTowerLearner(seed=1, hidden=(16,), out_dim=8, field_dim=4)
+>>> xs = [{"user_id": "u1", "item_id": "i1"}, {"user_id": "u2", "item_id": "i2"}]
+>>> lrn.predict_proba_many(xs).shape
+(2,)
+>>> lrn.learn_many(xs, [1, 0]); lrn.encode_items(xs).shape
+(2, 8)
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any, Literal, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from learners.base import CTX_PREFIX, ITEM_PREFIX, X
+from learners.two_tower import losses
+from learners.two_tower.features import EmbeddingStore, FeatureEncoder, feature_key, infer_fields
+from learners.two_tower.model import ModelConfig, TowerOutput, TwoTowerModel
+
+__all__ = ["TwoTowerLearner", "LossName", "PRESETS", "make", "two_tower", "inttower", "dat"]
+
+logger = logging.getLogger(__name__)
+
+LossName = Literal["bce", "softmax", "both"]
+
+#: Switches that the registered names turn on (any can be overridden by a parameter).
+PRESETS: dict[str, dict[str, Any]] = {
+    "two-tower": {},
+    "inttower": {"lightse": True, "fe": True, "cir": True},
+    "dat": {"dat": True},
+}
+
+_POSITION = CTX_PREFIX + "position"
+_STATE_VERSION = 1
+
+
+def _take(out: TowerOutput, idx: torch.Tensor) -> TowerOutput:
+    return TowerOutput(out.vec[idx], None if out.heads is None else out.heads[idx])
+
+
+def _split(out: TowerOutput, n: int) -> tuple[TowerOutput, TowerOutput]:
+    head = TowerOutput(out.vec[:n], None if out.heads is None else out.heads[:n])
+    tail = TowerOutput(out.vec[n:], None if out.heads is None else out.heads[n:])
+    return head, tail
+
+
+class TwoTowerLearner:
+    """Two-tower / IntTower / DAT learner on a click stream.
+
+    Parameters
+    ----------
+    name
+        Registered name this learner was built under (``two-tower``, ``inttower``,
+        ``dat``); kept in :attr:`spec`.
+    seed
+        Seeds weight initialisation, new embedding rows and negative sampling.
+    field_dim, hidden, out_dim
+        Field-embedding width, hidden layer widths of each tower's MLP, output
+        dimension D of the L2-normalised vectors.
+    lightse, fe, cir
+        IntTower's Light-SE, FE-block and CIR switches. ``fe_user_heads`` heads per
+        user layer, ``fe_item_heads`` item heads (1 keeps retrieval an exact dot product).
+    dat
+        DAT augmented vectors with the adaptive-mimic loss (weight ``mimic_weight``);
+        ``category_field`` (e.g. ``"i:category"``) turns on category alignment with
+        weight ``category_weight``.
+    loss
+        ``"bce"`` on impression labels, ``"softmax"`` (in-batch sampled softmax over
+        clicked pairs with logQ correction), or ``"both"``, weighted by ``bce_weight``
+        and ``softmax_weight``; ``random_negatives`` adds that many uniformly drawn recent
+        items as extra softmax negatives.
+    cir_weight, cir_tau
+        Weight and temperature of the CIR InfoNCE term.
+    lr_sparse, lr_dense, lr_bias
+        Adagrad rate of the embedding rows, Adam rate of the dense layers, and Adam rate
+        of the calibration parameters (score scale, bias, position bias), which must
+        move far in few steps.
+    batch_size
+        ``learn_many`` splits larger inputs into micro-batches of this size (``None``: as given).
+    initial_rows, max_rows, expire_after, expire_every
+        Id-table capacity, its growth cap, the age in steps after which unseen ids are
+        freed (``None``: never) and how often (in steps) expiry runs.
+    n_positions
+        Size of the learned position bias on the click logit (0: none); used only when
+        an example carries ``ctx:position``.
+    user_fields, item_fields
+        Feature names of each tower (``user_id`` / ``item_id`` first). ``None``: taken
+        from the first batch (later unknown fields are ignored).
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str = "two-tower",
+        seed: int = 0,
+        field_dim: int = 16,
+        hidden: Sequence[int] = (128,),
+        out_dim: int = 64,
+        lightse: bool = False,
+        fe: bool = False,
+        fe_user_heads: int = 4,
+        fe_item_heads: int = 1,
+        cir: bool = False,
+        cir_weight: float = 0.1,
+        cir_tau: float = 0.1,
+        dat: bool = False,
+        mimic_weight: float = 0.5,
+        category_field: str | None = None,
+        category_weight: float = 0.1,
+        loss: LossName = "bce",
+        bce_weight: float = 1.0,
+        softmax_weight: float = 1.0,
+        random_negatives: int = 0,
+        negative_buffer: int = 4096,
+        lr_sparse: float = 0.05,
+        lr_dense: float = 0.01,
+        lr_bias: float = 0.05,
+        batch_size: int | None = None,
+        initial_rows: int = 4096,
+        max_rows: int = 1 << 22,
+        expire_after: int | None = None,
+        expire_every: int = 1000,
+        n_positions: int = 64,
+        init_scale: float = 5.0,
+        init_std: float = 0.05,
+        freq_buckets: int = 1 << 18,
+        user_fields: Sequence[str] | None = None,
+        item_fields: Sequence[str] | None = None,
+    ) -> None:
+        if loss not in ("bce", "softmax", "both"):
+            raise ValueError(f"loss must be 'bce', 'softmax' or 'both', got {loss!r}")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
+        self.name = name
+        self.seed = seed
+        self.field_dim = field_dim
+        self.hidden = tuple(int(h) for h in hidden)
+        self.out_dim = out_dim
+        self.lightse = lightse
+        self.fe = fe
+        self.fe_user_heads = fe_user_heads
+        self.fe_item_heads = fe_item_heads
+        self.cir = cir
+        self.cir_weight = cir_weight
+        self.cir_tau = cir_tau
+        self.dat = dat
+        self.mimic_weight = mimic_weight
+        self.category_field = category_field
+        self.category_weight = category_weight
+        self.loss = loss
+        self.bce_weight = bce_weight
+        self.softmax_weight = softmax_weight
+        self.random_negatives = random_negatives
+        self.negative_buffer = negative_buffer
+        self.lr_sparse = lr_sparse
+        self.lr_dense = lr_dense
+        self.lr_bias = lr_bias
+        self.batch_size = batch_size
+        self.initial_rows = initial_rows
+        self.max_rows = max_rows
+        self.expire_after = expire_after
+        self.expire_every = expire_every
+        self.n_positions = n_positions
+        self.init_scale = init_scale
+        self.init_std = init_std
+        self.freq_buckets = freq_buckets
+        self.user_fields = None if user_fields is None else tuple(user_fields)
+        self.item_fields = None if item_fields is None else tuple(item_fields)
+
+        self.step = 0
+        self.n_learned = 0
+        self._generator = torch.Generator().manual_seed(seed)
+        self._rng = np.random.default_rng(seed)
+        self.store = EmbeddingStore(field_dim, self._generator, initial_rows=initial_rows, max_rows=max_rows,
+                                    expire_after=expire_after, init_std=init_std)
+        self.aug_store = (EmbeddingStore(out_dim, self._generator, initial_rows=initial_rows, max_rows=max_rows,
+                                         expire_after=expire_after, init_std=init_std) if dat else None)
+        self.freq = losses.FrequencyEstimator(buckets=freq_buckets)
+        self._negatives: dict[Any, dict[str, Any]] = {}
+        self.encoder: FeatureEncoder | None = None
+        self.model: TwoTowerModel | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        if self.user_fields is not None and self.item_fields is not None:
+            self._build(self.user_fields, self.item_fields)
+
+    # ------------------------------------------------------------------ construction
+    @property
+    def spec(self) -> dict[str, Any]:
+        """``{"name", "params"}``: ``make_learner(name, **params)`` rebuilds this learner."""
+        params = {k: getattr(self, k) for k in (
+            "seed", "field_dim", "hidden", "out_dim", "lightse", "fe", "fe_user_heads", "fe_item_heads", "cir",
+            "cir_weight", "cir_tau", "dat", "mimic_weight", "category_field", "category_weight", "loss",
+            "bce_weight", "softmax_weight", "random_negatives", "negative_buffer", "lr_sparse", "lr_dense", "lr_bias",
+            "batch_size", "initial_rows", "max_rows", "expire_after", "expire_every", "n_positions", "init_scale",
+            "init_std", "freq_buckets", "user_fields", "item_fields")}
+        return {"name": self.name, "params": params}
+
+    def __repr__(self) -> str:
+        on = [k for k in ("lightse", "fe", "cir", "dat") if getattr(self, k)]
+        return f"TwoTowerLearner(name={self.name!r}, loss={self.loss!r}, switches={on}, out_dim={self.out_dim})"
+
+    def _build(self, user_fields: Sequence[str], item_fields: Sequence[str]) -> None:
+        self.user_fields, self.item_fields = tuple(user_fields), tuple(item_fields)
+        self.encoder = FeatureEncoder(self.store, self.user_fields, self.item_fields)
+        config = ModelConfig(
+            n_user_fields=len(self.user_fields), n_item_fields=len(self.item_fields), field_dim=self.field_dim,
+            hidden=self.hidden, out_dim=self.out_dim, lightse=self.lightse, fe=self.fe,
+            fe_user_heads=self.fe_user_heads, fe_item_heads=self.fe_item_heads, dat=self.dat,
+            n_positions=self.n_positions, init_scale=self.init_scale,
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            self.model = TwoTowerModel(config)
+        calib = [self.model.scale, self.model.bias]
+        if self.model.position_bias is not None:
+            calib.append(self.model.position_bias.weight)
+        ids = {id(p) for p in calib}
+        rest = [p for p in self.model.parameters() if id(p) not in ids]
+        self.optimizer = torch.optim.Adam([{"params": rest}, {"params": calib, "lr": self.lr_bias}], lr=self.lr_dense)
+
+    def _ensure_built(self, xs: Sequence[X]) -> None:
+        if self.model is None:
+            user, item = infer_fields(xs)
+            self._build(self.user_fields or user, self.item_fields or item)
+            logger.info("two-tower %s fields: user %s, item %s", self.name, self.user_fields, self.item_fields)
+
+    # ------------------------------------------------------------------ forward helpers
+    def _aug(self, keys: Sequence[Any], field: str, insert: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, D) augmented vectors of ``keys`` plus the unique rows and their leaf (for the update)."""
+        store = self.aug_store
+        table = store.table(field)
+        rows = np.empty(len(keys), dtype=np.int64)
+        for i, k in enumerate(keys):
+            r = table.get(k)
+            if r is None:
+                r = store.allocate(field, k) if insert and k is not None else -1
+            rows[i] = r
+        store.init_pending(self.step)
+        known = rows >= 0
+        uniq, inv = np.unique(rows[known], return_inverse=True)
+        if insert:
+            store.touch(uniq, self.step)
+        urows = torch.from_numpy(uniq)
+        leaf = store.gather(urows, requires_grad=insert)
+        out = torch.zeros(len(keys), self.out_dim)
+        if known.any():
+            out = out.index_put((torch.from_numpy(np.flatnonzero(known)),), leaf[torch.from_numpy(inv)])
+        return out, urows, leaf
+
+    def _forward(self, xs: Sequence[X], insert: bool, extra_items: Sequence[X] = ()):
+        """Both towers over ``xs`` (items: ``xs`` then ``extra_items``, the random negatives)."""
+        items = list(xs) + list(extra_items) if extra_items else xs
+        enc = self.encoder.encode(xs, items, insert=insert, step=self.step)
+        emb = self.store.gather(enc.rows, requires_grad=insert)
+        aug_parts = []
+        ua = ia = None
+        if self.dat:
+            ua, urows, uleaf = self._aug(enc.user_keys, "a_u", insert)
+            ia, irows, ileaf = self._aug(enc.item_keys, "a_v", insert)
+            aug_parts = [(urows, uleaf), (irows, ileaf)]
+        u, v = self.model(enc.user, enc.item, emb, ua, ia)
+        return enc, emb, u, v, ua, ia, aug_parts
+
+    @staticmethod
+    def _positions(xs: Sequence[X]) -> torch.Tensor:
+        col = [x.get(_POSITION) for x in xs]
+        return torch.tensor([p if type(p) is int and p >= 0 else -1 for p in col], dtype=torch.long)
+
+    # ------------------------------------------------------------------ protocol
+    def predict_proba_many(self, xs: Sequence[X]) -> np.ndarray:
+        """P(click) (B,) for each example; unknown ids count as empty (never grows tables)."""
+        if len(xs) == 0:
+            return np.zeros(0)
+        self._ensure_built(xs)
+        with torch.no_grad():
+            _, _, u, v, _, _, _ = self._forward(xs, insert=False)
+            z = self.model.logit(u, v, self._positions(xs))
+        return torch.sigmoid(z).double().numpy()
+
+    def predict_proba_one(self, x: X) -> float:
+        return float(self.predict_proba_many([x])[0])
+
+    def learn_one(self, x: X, y: int) -> None:
+        self.learn_many([x], np.array([y]))
+
+    def learn_many(self, xs: Sequence[X], ys: Sequence[int] | np.ndarray) -> None:
+        """One update per micro-batch (``batch_size``) of ``xs`` with 0/1 labels ``ys``."""
+        ys = np.asarray(ys, dtype=np.float32).reshape(-1)
+        if len(ys) != len(xs):
+            raise ValueError(f"learn_many got {len(xs)} examples and {len(ys)} labels")
+        if len(xs) == 0:
+            return
+        self._ensure_built(xs)
+        bs = self.batch_size or len(xs)
+        for lo in range(0, len(xs), bs):
+            self._learn_batch(xs[lo: lo + bs], ys[lo: lo + bs])
+
+    def _sample_negatives(self) -> list[dict[str, Any]]:
+        if self.random_negatives <= 0 or not self._negatives:
+            return []
+        pool = list(self._negatives.values())
+        idx = self._rng.integers(0, len(pool), size=self.random_negatives)
+        return [pool[i] for i in idx]
+
+    def _remember_items(self, xs: Sequence[X]) -> None:
+        buf = self._negatives
+        for x in xs:
+            key = x.get("item_id")
+            if key is None:
+                continue
+            if key in buf:
+                buf[key] = buf.pop(key)
+            else:
+                buf[key] = self.item_features_of(x)
+                if len(buf) > self.negative_buffer:
+                    del buf[next(iter(buf))]
+
+    def _learn_batch(self, xs: Sequence[X], ys: np.ndarray) -> None:
+        self.step += 1
+        if self.expire_after is not None and self.step % self.expire_every == 0:
+            n = self.store.expire(self.step) + (self.aug_store.expire(self.step) if self.aug_store else 0)
+            if n:
+                logger.info("step %d: expired %d embedding rows unseen for %d steps", self.step, n, self.expire_after)
+        use_softmax = self.loss in ("softmax", "both")
+        negs = self._sample_negatives() if use_softmax else []
+        enc, emb, u, v_all, ua, ia, aug_parts = self._forward(xs, insert=True, extra_items=negs)
+        b = len(xs)
+        v, v_neg = _split(v_all, b) if negs else (v_all, None)
+        if ia is not None and negs:
+            ia = ia[:b]
+        y = torch.from_numpy(ys)
+        item_keys = enc.item_keys[:b]
+        total = torch.zeros(())
+        if self.loss in ("bce", "both"):
+            total = total + self.bce_weight * losses.bce(self.model.logit(u, v, self._positions(xs)), y)
+        pos = torch.from_numpy(np.flatnonzero(ys > 0))
+        pos_keys = [item_keys[i] for i in pos.tolist()]
+        if use_softmax and (len(pos) >= 2 or (len(pos) >= 1 and negs)):
+            up, vp = _take(u, pos), _take(v, pos)
+            neg_sim = neg_log_q = None
+            if v_neg is not None:
+                neg_sim = self.model.similarity_matrix(up, v_neg)
+                neg_log_q = torch.full((len(negs),), float(np.log(len(negs) / max(len(self._negatives), 1))))
+            total = total + self.softmax_weight * losses.sampled_softmax(
+                self.model.similarity_matrix(up, vp), self.model.scale, pos_keys, self.freq.log_q(pos_keys),
+                neg_sim, [n.get("item_id") for n in negs] if negs else None, neg_log_q)
+        if self.cir and len(pos) >= 2:
+            total = total + self.cir_weight * losses.info_nce(u.vec[pos], v.vec[pos], pos_keys, self.cir_tau)
+        if self.dat:
+            total = total + self.mimic_weight * (losses.mimic(ua, v.vec, y) + losses.mimic(ia, u.vec, y))
+            if self.category_field is not None:
+                cats = [x.get(self.category_field) for x in xs]
+                cats = [feature_key(c[0] if isinstance(c, tuple) and c else c) if c is not None else None for c in cats]
+                total = total + self.category_weight * losses.category_alignment(v.vec, cats)
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.optimizer.step()
+        if emb.grad is not None:
+            self.store.adagrad_(enc.rows, emb.grad, self.lr_sparse)
+        for rows, leaf in aug_parts:
+            if leaf.grad is not None and len(rows):
+                self.aug_store.adagrad_(rows, leaf.grad, self.lr_sparse)
+        if use_softmax:
+            self.freq.update(pos_keys, self.step)
+            if self.random_negatives > 0:
+                self._remember_items(xs)
+        self.n_learned += b
+
+    # ------------------------------------------------------------------ two-tower extras
+    @staticmethod
+    def item_features_of(x: X) -> dict[str, Any]:
+        """The item side of an example: ``item_id`` and its ``i:*`` features."""
+        return {k: v for k, v in x.items() if k == "item_id" or k.startswith(ITEM_PREFIX)}
+
+    def _tower(self, xs: Sequence[X], side: Literal["user", "item"]) -> TowerOutput:
+        self._ensure_built(xs)
+        enc = self.encoder.encode(xs if side == "user" else None, xs if side == "item" else None,
+                                  insert=False, step=self.step)
+        emb = self.store.gather(enc.rows, requires_grad=False)
+        if side == "user":
+            aug = self._aug(enc.user_keys, "a_u", False)[0] if self.dat else None
+            return self.model.user_tower(enc.user, emb, aug)
+        aug = self._aug(enc.item_keys, "a_v", False)[0] if self.dat else None
+        return self.model.item_tower(enc.item, emb, aug)
+
+    def encode_items(self, xs: Sequence[X]) -> np.ndarray:
+        """Item vectors (N, D) float32, L2-normalised (the item tower alone)."""
+        if len(xs) == 0:
+            return np.zeros((0, self.out_dim), dtype=np.float32)
+        with torch.no_grad():
+            return self._tower(xs, "item").vec.numpy().astype(np.float32, copy=False)
+
+    def encode_users(self, xs: Sequence[X]) -> np.ndarray:
+        """User vectors (N, D) float32, L2-normalised: ``encode_users @ encode_items.T``
+        ranks items as the model does (exactly, with one FE item head)."""
+        if len(xs) == 0:
+            return np.zeros((0, self.out_dim), dtype=np.float32)
+        with torch.no_grad():
+            return self._tower(xs, "user").vec.numpy().astype(np.float32, copy=False)
+
+    def score_candidates(self, user_x: X, item_xs: Sequence[X]) -> np.ndarray:
+        """Pre-ranking: P(click) (N,) of one user for each candidate item, by the model's
+        full score (the FE-block's max/sum over heads when enabled), without position."""
+        if len(item_xs) == 0:
+            return np.zeros(0)
+        with torch.no_grad():
+            u = self._tower([user_x], "user")
+            v = self._tower(item_xs, "item")
+            n = len(item_xs)
+            ue = TowerOutput(u.vec.expand(n, -1), None if u.heads is None else u.heads.expand(n, -1, -1))
+            return torch.sigmoid(self.model.logit(ue, v)).double().numpy()
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue learning bit for bit (copies, not references)."""
+        state: dict[str, Any] = {
+            "version": _STATE_VERSION,
+            "spec": self.spec,
+            "step": self.step,
+            "n_learned": self.n_learned,
+            "generator": self._generator.get_state(),
+            "rng": copy.deepcopy(self._rng.bit_generator.state),
+            "store": self.store.state_dict(),
+            "aug_store": self.aug_store.state_dict() if self.aug_store is not None else None,
+            "freq": self.freq.state_dict(),
+            "negatives": [(k, dict(v)) for k, v in self._negatives.items()],
+            "fields": None,
+        }
+        if self.model is not None:
+            state["fields"] = (list(self.user_fields), list(self.item_fields))
+            state["model"] = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            state["optimizer"] = copy.deepcopy(self.optimizer.state_dict())
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"two-tower state version {state.get('version')!r}, this code reads {_STATE_VERSION}")
+        if state["spec"]["name"] != self.name:
+            logger.warning("loading a %r state into a %r learner", state["spec"]["name"], self.name)
+        self.step = int(state["step"])
+        self.n_learned = int(state["n_learned"])
+        self._generator.set_state(state["generator"])
+        self._rng.bit_generator.state = copy.deepcopy(state["rng"])
+        self.store.load_state_dict(state["store"])
+        if self.aug_store is not None and state["aug_store"] is not None:
+            self.aug_store.load_state_dict(state["aug_store"])
+        self.freq.load_state_dict(state["freq"])
+        self._negatives = {k: dict(v) for k, v in state["negatives"]}
+        if state["fields"] is not None:
+            self._build(*state["fields"])
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+
+
+def make(name: str, **params: Any) -> TwoTowerLearner:
+    """The learner registered as ``name`` (a key of :data:`PRESETS`), ``params`` on top."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown two-tower learner {name!r}; known: {', '.join(PRESETS)}")
+    return TwoTowerLearner(name=name, **{**PRESETS[name], **params})
+
+
+def two_tower(**params: Any) -> TwoTowerLearner:
+    """Registry factory ``two-tower``: the plain two-tower."""
+    return make("two-tower", **params)
+
+
+def inttower(**params: Any) -> TwoTowerLearner:
+    """Registry factory ``inttower``: Light-SE, FE-block and CIR on."""
+    return make("inttower", **params)
+
+
+def dat(**params: Any) -> TwoTowerLearner:
+    """Registry factory ``dat``: dual augmented vectors with adaptive mimic."""
+    return make("dat", **params)
