@@ -188,6 +188,7 @@ class TwoTowerLearner:
 
         self.step = 0
         self.n_learned = 0
+        self.last_loss: dict[str, float] = {}
         self._generator = torch.Generator().manual_seed(seed)
         self._rng = np.random.default_rng(seed)
         self.store = EmbeddingStore(field_dim, self._generator, initial_rows=initial_rows, max_rows=max_rows,
@@ -349,9 +350,9 @@ class TwoTowerLearner:
             ia = ia[:b]
         y = torch.from_numpy(ys)
         item_keys = enc.item_keys[:b]
-        total = torch.zeros(())
+        parts: dict[str, torch.Tensor] = {}
         if self.loss in ("bce", "both"):
-            total = total + self.bce_weight * losses.bce(self.model.logit(u, v, self._positions(xs)), y)
+            parts["bce"] = self.bce_weight * losses.bce(self.model.logit(u, v, self._positions(xs)), y)
         pos = torch.from_numpy(np.flatnonzero(ys > 0))
         pos_keys = [item_keys[i] for i in pos.tolist()]
         if use_softmax and (len(pos) >= 2 or (len(pos) >= 1 and negs)):
@@ -360,25 +361,27 @@ class TwoTowerLearner:
             if v_neg is not None:
                 neg_sim = self.model.similarity_matrix(up, v_neg)
                 neg_log_q = torch.full((len(negs),), float(np.log(len(negs) / max(len(self._negatives), 1))))
-            total = total + self.softmax_weight * losses.sampled_softmax(
+            parts["softmax"] = self.softmax_weight * losses.sampled_softmax(
                 self.model.similarity_matrix(up, vp), self.model.scale, pos_keys, self.freq.log_q(pos_keys),
                 neg_sim, [n.get("item_id") for n in negs] if negs else None, neg_log_q)
         if self.cir and len(pos) >= 2:
-            total = total + self.cir_weight * losses.info_nce(u.vec[pos], v.vec[pos], pos_keys, self.cir_tau)
+            parts["cir"] = self.cir_weight * losses.info_nce(u.vec[pos], v.vec[pos], pos_keys, self.cir_tau)
         if self.dat:
-            total = total + self.mimic_weight * (losses.mimic(ua, v.vec, y) + losses.mimic(ia, u.vec, y))
+            parts["mimic"] = self.mimic_weight * (losses.mimic(ua, v.vec, y) + losses.mimic(ia, u.vec, y))
             if self.category_field is not None:
                 cats = [x.get(self.category_field) for x in xs]
                 cats = [feature_key(c[0] if isinstance(c, tuple) and c else c) if c is not None else None for c in cats]
-                total = total + self.category_weight * losses.category_alignment(v.vec, cats)
-        self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        self.optimizer.step()
-        if emb.grad is not None:
-            self.store.adagrad_(enc.rows, emb.grad, self.lr_sparse)
-        for rows, leaf in aug_parts:
-            if leaf.grad is not None and len(rows):
-                self.aug_store.adagrad_(rows, leaf.grad, self.lr_sparse)
+                parts["category"] = self.category_weight * losses.category_alignment(v.vec, cats)
+        self.last_loss = {k: float(t.detach()) for k, t in parts.items()}
+        if parts:
+            self.optimizer.zero_grad(set_to_none=True)
+            sum(parts.values()).backward()
+            self.optimizer.step()
+            if emb.grad is not None:
+                self.store.adagrad_(enc.rows, emb.grad, self.lr_sparse)
+            for rows, leaf in aug_parts:
+                if leaf.grad is not None and len(rows):
+                    self.aug_store.adagrad_(rows, leaf.grad, self.lr_sparse)
         if use_softmax:
             self.freq.update(pos_keys, self.step)
             if self.random_negatives > 0:
