@@ -20,6 +20,10 @@ __all__ = ["main", "build_parser"]
 # Modules that expose ``register(subparsers)``; each adds one or more subcommands.
 _COMMAND_MODULES: tuple[str, ...] = (
     "streams._broker_cli",
+    "streams._produce_cli",
+    "learners._train_cli",
+    "indexer._index_cli",
+    "serving._serve_cli",
 )
 
 
