@@ -1,0 +1,105 @@
+"""``towerstream serve``: the scorer process (Kafka request loop + HTTP + /metrics).
+
+Reads the newest learner checkpoint (reloaded when a newer one appears) and the
+indexer's current version (hot-swapped on announcements), consumes request events and
+produces ranked lists, follows impressions and clicks for online AUC, and serves
+``/recommend``, ``/healthz``, ``/readyz`` and ``/metrics`` on one port. Without
+``--bootstrap`` (and ``KAFKA_BOOTSTRAP_SERVERS`` unset) it serves HTTP only.
+
+Example::
+
+    towerstream serve --checkpoint runs/two-tower/ --index-root runs/index \\
+        --bootstrap localhost:9092 --port 8080
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+
+from streams.errors import ConfigError
+from streams.topics import Topics
+from streams.transport import KafkaSettings
+
+__all__ = ["register"]
+
+
+def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """Add the ``serve`` subcommand to ``subparsers``."""
+    p = subparsers.add_parser("serve", help="score requests from Kafka and HTTP; export /metrics",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, required=True,
+                   help="learner checkpoint file, or a directory of them (newest *.ckpt is served)")
+    p.add_argument("--checkpoint-pattern", default="*.ckpt", help="checkpoint file glob inside a directory")
+    p.add_argument("--index-root", type=Path, required=True, help="the indexer's artifact store root")
+    p.add_argument("--bootstrap", default=None,
+                   help="Kafka bootstrap servers (default $KAFKA_BOOTSTRAP_SERVERS; none: HTTP only)")
+    p.add_argument("--kafka-client", choices=("kafka-python", "confluent"), default=None,
+                   help="Kafka client (default $TOWERSTREAM_KAFKA_CLIENT or kafka-python)")
+    p.add_argument("--topic-prefix", default="towerstream", help="topic name prefix of the deployment")
+    p.add_argument("--host", default="0.0.0.0", help="HTTP bind address")
+    p.add_argument("--port", type=int, default=8080, help="HTTP port for /recommend, /readyz, /metrics")
+    p.add_argument("--k-retrieve", type=int, default=100, help="ANN candidates per request")
+    p.add_argument("--k", type=int, default=10, dest="k_default", help="items returned when a request says none")
+    p.add_argument("--group", default="towerstream-scorer", help="consumer group of the request loop")
+    p.add_argument("--eval-group", default="towerstream-scorer-eval", help="consumer group of the events follower")
+    p.add_argument("--no-online-eval", action="store_true", help="do not follow the events topic")
+    p.add_argument("--catalogue", type=Path, default=None, help="JSON-lines item catalogue (pre-rank features)")
+    p.add_argument("--shadow", action="append", default=[], metavar="NAME=CHECKPOINT",
+                   help="also evaluate this learner online on served traffic (repeatable)")
+    p.add_argument("--eval-window", type=float, default=60.0, help="seconds (event time) a click may trail its impression")
+    p.add_argument("--score-batch", type=int, default=64, help="requests scored together")
+    p.set_defaults(func=_serve)
+
+
+def _shadows(values: list[str]) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for v in values:
+        name, sep, path = v.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--shadow {v!r}: write NAME=CHECKPOINT, e.g. --shadow lr=runs/lr/")
+        out[name] = Path(path)
+    return out
+
+
+def _kafka(args: argparse.Namespace) -> KafkaSettings | None:
+    bootstrap = args.bootstrap or os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if not bootstrap:
+        return None
+    settings = KafkaSettings.from_env(default_bootstrap=bootstrap)
+    if args.bootstrap:
+        settings = KafkaSettings(args.bootstrap, settings.client, settings.options)
+    if args.kafka_client:
+        settings = settings.with_client(args.kafka_client)
+    return settings
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from serving.app import ServeConfig, ServingApp
+
+    config = ServeConfig(
+        checkpoint=args.checkpoint, index_root=args.index_root, kafka=_kafka(args),
+        topics=Topics(prefix=args.topic_prefix), host=args.host, port=args.port,
+        k_retrieve=args.k_retrieve, k_default=args.k_default, group_id=args.group,
+        eval_group_id=args.eval_group, checkpoint_pattern=args.checkpoint_pattern,
+        catalogue=args.catalogue, shadows=_shadows(args.shadow), eval_window_s=args.eval_window,
+        score_batch=args.score_batch, online_eval=not args.no_online_eval,
+    )
+    app = ServingApp(config)
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        app.request_stop()  # SIGTERM (docker stop, Kubernetes): finish the batch in hand, exit 0
+
+    signal.signal(signal.SIGTERM, on_term)
+    app.start()
+    print(f"towerstream serve: http://{args.host}:{app.port}  (/recommend /healthz /readyz /metrics); "
+          f"kafka: {config.kafka.bootstrap_servers if config.kafka else 'off'}", file=sys.stderr, flush=True)
+    try:
+        app.wait()
+    finally:
+        app.stop()
+    return 0

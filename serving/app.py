@@ -1,0 +1,247 @@
+"""The scorer process: every serving piece wired together (what ``towerstream serve`` runs).
+
+One process holds:
+
+* a :class:`~serving.scorer.CheckpointLearnerSource` (the newest learner checkpoint,
+  reloaded in the background) and an :class:`~indexer.handle.IndexHolder` kept current by
+  an :class:`~indexer.watcher.IndexWatcher` on the control topic (without Kafka: by
+  polling the artifact store's ``CURRENT``);
+* the :class:`~serving.scorer.Scorer`;
+* the HTTP server (``/recommend``, ``/healthz``, ``/readyz``, ``/metrics``);
+* with Kafka: the request loop (requests -> rankings) and the events follower
+  (impressions/clicks -> online AUC, item features for the pre-ranker), each in a thread.
+
+A loop that dies (e.g. the rankings could not be delivered) stops the app, and
+:meth:`ServingApp.wait` re-raises its error so the process exits non-zero and its
+supervisor restarts it from the last commit.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+from prometheus_client import REGISTRY, CollectorRegistry
+
+from indexer.artifacts import ArtifactStore
+from indexer.handle import IndexHolder, load_handle
+from indexer.watcher import IndexWatcher
+from serving.http import ServingHTTPServer, make_http_server, serve_in_thread
+from serving.metrics import Metrics
+from serving.online_eval import OnlineEvalConfig, OnlineEvaluator
+from serving.request_consumer import (
+    EventsFollower,
+    RequestConsumer,
+    close_loop,
+    open_events_follower,
+    open_request_consumer,
+)
+from serving.scorer import CheckpointLearnerSource, ItemFeatureStore, LearnerSource, Scorer
+from streams.errors import ConfigError, TowerstreamError
+from streams.topics import DEFAULT_PARTITIONS, Topics
+from streams.transport import KafkaSettings, ensure_topics
+
+__all__ = ["ServeConfig", "ServingApp"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything the scorer process needs, read once by the CLI.
+
+    Parameters
+    ----------
+    checkpoint
+        A learner checkpoint file, or a directory of them (newest ``checkpoint_pattern``).
+    index_root
+        The indexer's artifact store root.
+    kafka
+        Kafka settings; None serves HTTP only (the index is then polled from the store).
+    topics
+        Topic names of the deployment.
+    host, port
+        HTTP bind address (``/metrics`` included); ``port=0`` picks a free port.
+    k_retrieve, k_default
+        ANN candidates per request, items returned when a request does not say.
+    group_id, eval_group_id
+        Consumer groups of the request loop and of the events follower.
+    catalogue
+        Optional JSON-lines item catalogue (features for the pre-ranker).
+    shadows
+        Learner name -> checkpoint path, evaluated online beside the served model.
+    eval_window_s
+        Event-time window in which a click joins its impression.
+    score_batch
+        Requests scored together.
+    online_eval
+        Follow the events topic for online AUC (Kafka only).
+    """
+
+    checkpoint: Path
+    index_root: Path
+    kafka: KafkaSettings | None = None
+    topics: Topics = Topics()
+    host: str = "0.0.0.0"
+    port: int = 8080
+    k_retrieve: int = 100
+    k_default: int = 10
+    group_id: str = "towerstream-scorer"
+    eval_group_id: str = "towerstream-scorer-eval"
+    checkpoint_pattern: str = "*.ckpt"
+    checkpoint_poll_s: float = 1.0
+    index_poll_s: float = 1.0
+    catalogue: Path | None = None
+    shadows: Mapping[str, Path] = field(default_factory=dict)
+    eval_window_s: float = 60.0
+    score_batch: int = 64
+    online_eval: bool = True
+
+    def __post_init__(self) -> None:
+        if self.k_retrieve < 1 or self.k_default < 1:
+            raise ConfigError(f"--k-retrieve and --k must be >= 1, got {self.k_retrieve} and {self.k_default}")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"--port must be in 0..65535, got {self.port}")
+        if self.catalogue is not None and not Path(self.catalogue).is_file():
+            raise ConfigError(f"--catalogue {self.catalogue} is not a file (JSON lines of item_id + item_features)")
+
+
+class ServingApp:
+    """Builds, starts and stops the scorer process's parts (see the module docstring).
+
+    Parameters
+    ----------
+    config
+        The settings.
+    registry
+        Where metrics go (the process default; tests pass their own).
+    """
+
+    def __init__(self, config: ServeConfig, *, registry: CollectorRegistry = REGISTRY) -> None:
+        self.config = config
+        self.registry = registry
+        self.metrics = Metrics(registry=registry)
+        self.models = CheckpointLearnerSource(config.checkpoint, pattern=config.checkpoint_pattern,
+                                              poll_interval_s=config.checkpoint_poll_s,
+                                              on_load=self.metrics.on_model_loaded)
+        self.shadows: dict[str, CheckpointLearnerSource] = {
+            name: CheckpointLearnerSource(path, pattern=config.checkpoint_pattern,
+                                          poll_interval_s=max(config.checkpoint_poll_s, 5.0))
+            for name, path in config.shadows.items()
+        }
+        self.holder = IndexHolder()
+        self.items = ItemFeatureStore()
+        if config.catalogue is not None:
+            n = self.items.load_jsonl(config.catalogue)
+            logger.info("read %d catalogue items from %s", n, config.catalogue)
+        self.scorer = Scorer(self.models, self.holder, k_retrieve=config.k_retrieve, k_default=config.k_default,
+                             item_xs=self.items, metrics=self.metrics)
+        shadow_sources: dict[str, LearnerSource] = dict(self.shadows)
+        self.evaluator = OnlineEvaluator(OnlineEvalConfig(window_seconds=config.eval_window_s),
+                                         metrics=self.metrics, shadows=shadow_sources)
+        self.metrics.track(self.models, self.holder)
+        self.http: ServingHTTPServer | None = None
+        self.watcher: IndexWatcher | None = None
+        self.requests: RequestConsumer | None = None
+        self.follower: EventsFollower | None = None
+        self._threads: list[threading.Thread] = []
+        self._stop = threading.Event()
+        self.error: BaseException | None = None
+
+    # ------------------------------------------------------------------ index without Kafka
+    def _poll_store(self) -> None:
+        store = ArtifactStore(self.config.index_root)
+        while True:
+            try:
+                version = store.current()
+                if version is not None and version != self.holder.version:
+                    handle = load_handle(store.version_dir(version))
+                    self.holder.swap(handle)
+                    self.metrics.on_index_swap(handle)
+            except (TowerstreamError, OSError, RuntimeError) as exc:
+                logger.error("index poll of %s failed: %s; still serving %s",
+                             self.config.index_root, exc, self.holder.version)
+            if self._stop.wait(self.config.index_poll_s):
+                return
+
+    def _spawn(self, name: str, target: object) -> None:
+        def run() -> None:
+            try:
+                target()  # type: ignore[operator]
+            except BaseException as exc:  # recorded and re-raised by wait(): the process must exit
+                logger.exception("%s stopped with an error", name)
+                self.error = exc
+                self._stop.set()
+
+        thread = threading.Thread(target=run, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def start(self) -> "ServingApp":
+        """Load what is there, bind HTTP, start the loops; returns self."""
+        cfg = self.config
+        self.models.start()
+        for source in self.shadows.values():
+            source.start()
+        self.http = make_http_server(self.scorer, host=cfg.host, port=cfg.port, registry=self.registry,
+                                     metrics=self.metrics, evaluator=self.evaluator)
+        self._threads.append(serve_in_thread(self.http))
+        if cfg.kafka is None:
+            self._spawn("index-poll", self._poll_store)
+            return self
+        t = cfg.topics
+        ensure_topics(cfg.kafka, {t.requests: DEFAULT_PARTITIONS, t.rankings: DEFAULT_PARTITIONS,
+                                  t.events: DEFAULT_PARTITIONS, t.dead_letter: DEFAULT_PARTITIONS})
+        self.watcher = IndexWatcher(cfg.kafka, self.holder, cfg.index_root, topics=t,
+                                    on_swap=self.metrics.on_index_swap).start()
+        self.requests = open_request_consumer(cfg.kafka, self.scorer, group_id=cfg.group_id, topics=t,
+                                              metrics=self.metrics, evaluator=self.evaluator,
+                                              score_batch=cfg.score_batch)
+        self._spawn("requests", self.requests.run)
+        if cfg.online_eval:
+            self.follower = open_events_follower(cfg.kafka, self.evaluator, group_id=cfg.eval_group_id, topics=t,
+                                                 items=self.items, metrics=self.metrics)
+            self._spawn("events", self.follower.run)
+        return self
+
+    @property
+    def port(self) -> int:
+        """The bound HTTP port."""
+        if self.http is None:
+            raise RuntimeError("ServingApp.start() first")
+        return self.http.port
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        """Block until :meth:`stop` or a loop failure (re-raised here); False on timeout."""
+        stopped = self._stop.wait(timeout_s)
+        if self.error is not None:
+            raise self.error
+        return stopped
+
+    def request_stop(self) -> None:
+        """Make :meth:`wait` return (signal-safe); call :meth:`stop` afterwards."""
+        self._stop.set()
+
+    def stop(self) -> None:
+        """Stop the loops (each finishes the batch in hand), the watcher and HTTP."""
+        self._stop.set()
+        for loop in (self.requests, self.follower):
+            if loop is not None:
+                loop.stop()
+        for thread in self._threads:
+            if thread.name != "http":
+                thread.join(timeout=30.0)
+        for loop in (self.requests, self.follower):
+            if loop is not None:
+                close_loop(loop)
+        if self.watcher is not None:
+            self.watcher.stop()
+        self.models.stop()
+        for source in self.shadows.values():
+            source.stop()
+        if self.http is not None:
+            self.http.shutdown()
+            self.http.server_close()

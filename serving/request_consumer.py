@@ -1,0 +1,366 @@
+"""The scorer's Kafka loops: requests in, ranked lists out; impressions/clicks for online AUC.
+
+:class:`RequestConsumer` follows ``Topics.requests`` in a consumer group through the
+shared :class:`~streams.consumer.EventConsumer` (decode + validate; a bad record goes to
+the dead-letter topic with its reason). Each batch of request events is scored with
+:meth:`~serving.scorer.Scorer.score_many`, every ranked list is produced to
+``Topics.rankings`` keyed by request id, the producer is flushed, and only then are the
+batch's offsets committed: a crash anywhere re-serves the batch, never skips it
+(at-least-once; a ranking may be produced twice). A valid event of another kind on the
+requests topic is dead-lettered with reason ``kind``.
+
+Until a model and an index are loaded the loop holds the batch (no commit) and retries.
+
+:class:`EventsFollower` follows ``Topics.events`` in its own group and feeds the
+:class:`~serving.online_eval.OnlineEvaluator` (and the pre-ranker's item features).
+
+Ranking record (JSON)::
+
+    {"request_id": ..., "user_id": ..., "items": [{"item_id", "score", "rank"}, ...],
+     "index_version": int, "model_version": ..., "learner": str, "latency_seconds": float}
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import orjson
+
+from serving.errors import NotReadyError
+from serving.metrics import Metrics
+from serving.online_eval import OnlineEvaluator
+from serving.scorer import ItemFeatureStore, Ranking, Scorer, ScoreRequest
+from streams.consumer import EventBatch, EventConsumer, open_event_consumer
+from streams.topics import Topics
+from streams.transport import KafkaSettings, Producer, TopicPartition, make_producer
+
+__all__ = [
+    "LoopStats",
+    "RequestConsumer",
+    "EventsFollower",
+    "open_request_consumer",
+    "open_events_follower",
+    "ranking_value",
+    "close_loop",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def ranking_value(ranking: Ranking) -> bytes:
+    """The rankings-topic record value of one ranked list (JSON bytes)."""
+    return orjson.dumps(ranking.to_dict(), option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+class _Stopped(Exception):
+    """The loop was asked to stop while a batch was held: leave it uncommitted."""
+
+
+@dataclass
+class LoopStats:
+    """Running totals of one loop."""
+
+    batches: int = 0
+    events: int = 0
+    produced: int = 0
+    dead_lettered: int = 0
+    not_ready_waits: int = 0
+    lag: dict[str, int] = field(default_factory=dict)
+
+
+class _Loop:
+    """Poll -> handle -> commit, with consumption, dead-letter and lag metrics."""
+
+    def __init__(self, consumer: EventConsumer, *, topic: str, metrics: Metrics | None, group_id: str,
+                 lag_interval_s: float, clock: Callable[[], float]) -> None:
+        self.consumer = consumer
+        self.topic = topic
+        self.metrics = metrics
+        self.group_id = group_id
+        self.lag_interval_s = lag_interval_s
+        self.clock = clock
+        self.stats = LoopStats()
+        self._stop = threading.Event()
+        self._committed: dict[TopicPartition, int] = {}
+        self._dl_seen: dict[str, int] = {}
+        self._last_lag = -float("inf")
+
+    def stop(self) -> None:
+        """Return from :meth:`run` after the batch in hand (thread-safe)."""
+        self._stop.set()
+        self.consumer.stop()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def handle(self, batch: EventBatch) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _account(self, batch: EventBatch) -> None:
+        self.stats.batches += 1
+        self.stats.events += len(batch.events)
+        if self.metrics is None:
+            self._account_dead_letters()
+            return
+        per_topic: dict[str, int] = {}
+        for rec in batch.records:
+            per_topic[rec.topic] = per_topic.get(rec.topic, 0) + 1
+        for topic, n in per_topic.items():
+            self.metrics.events_consumed.labels(topic=topic).inc(n)
+        self._account_dead_letters()
+
+    def _account_dead_letters(self) -> None:
+        counts = self.consumer.dead_letters.counts
+        for reason, n in counts.items():
+            delta = n - self._dl_seen.get(reason, 0)
+            if delta > 0:
+                self.stats.dead_lettered += delta
+                if self.metrics is not None:
+                    self.metrics.dead_letters.labels(topic=self.topic, reason=reason).inc(delta)
+                self._dl_seen[reason] = n
+
+    def _commit(self, offsets: Mapping[TopicPartition, int]) -> None:
+        self.consumer.commit(offsets)
+        self._committed.update(offsets)
+
+    def update_lag(self, force: bool = False) -> dict[str, int]:
+        """Lag per topic = end offset - committed offset, over the assigned partitions."""
+        now = self.clock()
+        if not force and now - self._last_lag < self.lag_interval_s:
+            return self.stats.lag
+        self._last_lag = now
+        kc = self.consumer.consumer
+        assigned = kc.assignment()
+        if not assigned:
+            return self.stats.lag
+        try:
+            ends = kc.end_offsets(assigned)
+        except Exception as exc:  # lag is best effort: never stop serving for it
+            logger.debug("end offsets unavailable: %s", exc)
+            return self.stats.lag
+        lag: dict[str, int] = {}
+        for tp, end in ends.items():
+            done = self._committed.get(tp)
+            if done is None:
+                done = kc.position(tp)
+            if done is not None:
+                lag[tp.topic] = lag.get(tp.topic, 0) + max(0, end - done)
+        self.stats.lag = lag
+        if self.metrics is not None:
+            for topic, n in lag.items():
+                self.metrics.consumer_lag.labels(topic=topic, group=self.group_id).set(n)
+        return lag
+
+    def run(self, *, max_events: int | None = None, idle_timeout_s: float | None = None) -> LoopStats:
+        """Handle batches until :meth:`stop`, ``max_events`` valid events, or
+        ``idle_timeout_s`` without a record."""
+        last_record = self.clock()
+        while not self._stop.is_set():
+            left = None if max_events is None else max_events - self.stats.events
+            if left is not None and left <= 0:
+                break
+            batch = self.consumer.poll_batch(max_events=left)
+            now = self.clock()
+            if batch is None:
+                self.update_lag()
+                if idle_timeout_s is not None and now - last_record >= idle_timeout_s:
+                    break
+                continue
+            last_record = now
+            try:
+                if batch.events:
+                    self.handle(batch)
+            except _Stopped:
+                break
+            self._account(batch)
+            self._commit(batch.offsets)
+            self.update_lag()
+        self.update_lag(force=True)
+        return self.stats
+
+
+class RequestConsumer(_Loop):
+    """Scores request events and produces ranked lists (see the module docstring).
+
+    Parameters
+    ----------
+    consumer
+        An :class:`EventConsumer` subscribed to ``topics.requests``.
+    producer
+        Where rankings go (flushed before each commit).
+    scorer
+        The retrieve + pre-rank core.
+    topics
+        Topic names.
+    metrics
+        Process metrics (requests, rankings, consumption, lag, latency via the scorer).
+    evaluator
+        Told which model served each request, for online AUC.
+    score_batch
+        Requests scored per :meth:`Scorer.score_many` call.
+    not_ready_backoff_s
+        Wait between readiness checks while no model or index is loaded.
+    group_id
+        The ``group`` label of the lag metric.
+    """
+
+    def __init__(
+        self,
+        consumer: EventConsumer,
+        producer: Producer,
+        scorer: Scorer,
+        *,
+        topics: Topics = Topics(),
+        metrics: Metrics | None = None,
+        evaluator: OnlineEvaluator | None = None,
+        score_batch: int = 64,
+        not_ready_backoff_s: float = 0.5,
+        lag_interval_s: float = 5.0,
+        group_id: str = "towerstream-scorer",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(consumer, topic=topics.requests, metrics=metrics, group_id=group_id,
+                         lag_interval_s=lag_interval_s, clock=clock)
+        if score_batch < 1:
+            raise ValueError(f"score_batch must be >= 1, got {score_batch}")
+        self.producer = producer
+        self.scorer = scorer
+        self.topics = topics
+        self.evaluator = evaluator
+        self.score_batch = score_batch
+        self.not_ready_backoff_s = not_ready_backoff_s
+
+    def _wait_ready(self) -> None:
+        logged = False
+        while True:
+            ready, reason = self.scorer.readiness()
+            if ready:
+                return
+            if not logged:
+                logger.warning("holding request batch: %s", reason)
+                logged = True
+            self.stats.not_ready_waits += 1
+            if self._stop.wait(self.not_ready_backoff_s):
+                raise _Stopped()
+
+    def handle(self, batch: EventBatch) -> None:
+        """Score the batch's requests, produce their rankings, flush (raises if undelivered)."""
+        requests: list[ScoreRequest] = []
+        wrong = 0
+        for event, record in zip(batch.events, batch.records):
+            if event.kind == "request":
+                requests.append(ScoreRequest.from_event(event))
+            else:
+                self.consumer.dead_letters.write(
+                    record, "kind",
+                    f"a {event.kind} event on the requests topic {record.topic}: only request events belong "
+                    f"there (impressions and clicks go to {self.topics.events})",
+                )
+                wrong += 1
+        if wrong:
+            self.consumer.dead_letters.flush()
+        m = self.metrics
+        for start in range(0, len(requests), self.score_batch):
+            chunk = requests[start:start + self.score_batch]
+            while True:
+                self._wait_ready()
+                try:
+                    rankings = self.scorer.score_many(chunk)
+                    break
+                except NotReadyError:  # lost the race with an unload: wait again
+                    continue
+            model = self.scorer.learner_source.current()
+            for r in rankings:
+                self.producer.send(self.topics.rankings, ranking_value(r), key=r.request_id.encode("utf-8"))
+                if self.evaluator is not None and model is not None and model.version == r.model_version:
+                    self.evaluator.record_served(r.request_id, model)
+            if m is not None:
+                m.requests.labels(source="kafka", outcome="ok").inc(len(rankings))
+        self.producer.flush()
+        self.stats.produced += len(requests)
+        if m is not None and requests:
+            m.rankings_produced.inc(len(requests))
+
+
+class EventsFollower(_Loop):
+    """Feeds impressions and clicks to the online evaluator (and item features to the
+    pre-ranker's :class:`~serving.scorer.ItemFeatureStore`), committing after each batch."""
+
+    def __init__(
+        self,
+        consumer: EventConsumer,
+        evaluator: OnlineEvaluator,
+        *,
+        items: ItemFeatureStore | None = None,
+        topics: Topics = Topics(),
+        metrics: Metrics | None = None,
+        lag_interval_s: float = 5.0,
+        group_id: str = "towerstream-scorer-eval",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(consumer, topic=topics.events, metrics=metrics, group_id=group_id,
+                         lag_interval_s=lag_interval_s, clock=clock)
+        self.evaluator = evaluator
+        self.items = items
+
+    def handle(self, batch: EventBatch) -> None:
+        newest = None
+        for e in batch.events:
+            if self.items is not None:
+                self.items.observe_event(e)
+            if e.kind != "request":
+                self.evaluator.observe(e)
+                newest = e.event_time if newest is None else max(newest, e.event_time)
+        if newest is not None:
+            self.evaluator.advance(newest)
+
+
+def open_request_consumer(
+    settings: KafkaSettings,
+    scorer: Scorer,
+    *,
+    group_id: str = "towerstream-scorer",
+    topics: Topics = Topics(),
+    metrics: Metrics | None = None,
+    evaluator: OnlineEvaluator | None = None,
+    batch_size: int = 256,
+    score_batch: int = 64,
+) -> RequestConsumer:
+    """A :class:`RequestConsumer` subscribed to ``topics.requests`` in ``group_id``, with
+    its own rankings producer. Close with :func:`close_loop`."""
+    ec = open_event_consumer(settings, group_id, [topics.requests], topics.dead_letter,
+                             batch_size=batch_size, poll_timeout_s=0.2)
+    return RequestConsumer(ec, make_producer(settings), scorer, topics=topics, metrics=metrics,
+                           evaluator=evaluator, score_batch=score_batch, group_id=group_id)
+
+
+def open_events_follower(
+    settings: KafkaSettings,
+    evaluator: OnlineEvaluator,
+    *,
+    group_id: str = "towerstream-scorer-eval",
+    topics: Topics = Topics(),
+    items: ItemFeatureStore | None = None,
+    metrics: Metrics | None = None,
+    batch_size: int = 2000,
+) -> EventsFollower:
+    """An :class:`EventsFollower` subscribed to ``topics.events`` in ``group_id``."""
+    ec = open_event_consumer(settings, group_id, [topics.events], topics.dead_letter,
+                             batch_size=batch_size, poll_timeout_s=0.5)
+    return EventsFollower(ec, evaluator, items=items, topics=topics, metrics=metrics, group_id=group_id)
+
+
+def close_loop(loop: _Loop) -> None:
+    """Close a loop's consumer (and the request loop's producer)."""
+    try:
+        loop.consumer.close()
+    finally:
+        producer = getattr(loop, "producer", None)
+        if producer is not None:
+            producer.close()
+

@@ -1,0 +1,508 @@
+"""Retrieve + pre-rank: the scorer core shared by the Kafka request loop and HTTP.
+
+Per request (or per batch of requests)::
+
+    model  = learner_source.current()        # one immutable ModelHandle
+    handle = index_holder.current()          # one immutable index handle
+    U      = model.learner.encode_users(user_xs)            # (B, D), L2-normalised
+    ids    = handle.search(U, k_retrieve)                    # ANN top-K, one version
+    score  = model.learner.score_candidates(user_x, item_xs) # pre-rank the K candidates
+    -> Ranking(items sorted by score, index_version, model_version)
+
+Both references are taken once, before any work, so every answer comes from exactly one
+model version and one index version even while a checkpoint reload or an index swap
+happens in another thread. A model is never updated in place: :class:`CheckpointLearnerSource`
+loads a newer checkpoint into a fresh learner and then swaps one reference.
+
+>>> import numpy as np
+>>> class Learner:  # a toy two-tower: 2-d vectors, pre-rank score = item number
+...     def encode_users(self, xs): return np.tile(np.float32([1, 0]), (len(xs), 1))
+...     def score_candidates(self, user_x, item_xs):
+...         return np.array([float(x["item_id"][1:]) for x in item_xs])
+>>> from types import SimpleNamespace as NS
+>>> class Handle:
+...     def search(self, vecs, k):
+...         return NS(ids=np.array([["i1", "i2", "i3"]]), scores=np.ones((1, 3)), version=3)
+>>> holder = NS(current=Handle())
+>>> s = Scorer(StaticLearnerSource(Learner(), name="toy", version="v1"), holder, k_retrieve=3)
+>>> r = s.score(ScoreRequest(request_id="r1", user_id="u1", k=2))
+>>> [(i.item_id, i.rank) for i in r.items], r.index_version, r.model_version
+([('i3', 1), ('i2', 2)], 3, 'v1')
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
+
+import numpy as np
+
+from indexer.catalogue import Catalogue, item_x
+from learners.base import USER_PREFIX
+from serving.errors import BadRequestError, NotReadyError
+from serving.metrics import Metrics
+from streams.events import Event, FeatureValue
+
+__all__ = [
+    "ScoreRequest",
+    "RankedItem",
+    "Ranking",
+    "ModelHandle",
+    "LearnerSource",
+    "StaticLearnerSource",
+    "CheckpointLearnerSource",
+    "IndexHolderLike",
+    "ItemFeatureStore",
+    "Scorer",
+    "user_x",
+]
+
+logger = logging.getLogger(__name__)
+
+MAX_K = 10_000  # the event contract's bound on a request's k
+
+
+def user_x(user_id: str, user_features: Mapping[str, FeatureValue] | None = None) -> dict[str, FeatureValue]:
+    """The user example the user tower encodes (``learners.base`` layout, no item).
+
+    >>> user_x("u1", {"age": "18-24"})
+    {'user_id': 'u1', 'u:age': '18-24'}
+    """
+    x: dict[str, FeatureValue] = {"user_id": user_id}
+    for name, value in (user_features or {}).items():
+        x[USER_PREFIX + name] = value
+    return x
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """One request for ``k`` ranked candidates for a user.
+
+    ``k=None`` means the scorer's default.
+    """
+
+    request_id: str
+    user_id: str
+    user_features: Mapping[str, FeatureValue] = field(default_factory=dict)
+    k: int | None = None
+
+    @classmethod
+    def from_event(cls, event: Event) -> "ScoreRequest":
+        """The request carried by a ``request`` event."""
+        if event.kind != "request":
+            raise BadRequestError(f"expected a request event, got a {event.kind} (event_id {event.event_id})")
+        return cls(request_id=event.request_id, user_id=event.user_id, user_features=event.user_features, k=event.k)
+
+
+@dataclass(frozen=True)
+class RankedItem:
+    """One candidate in a ranked list: ``rank`` is 1-based, ``score`` the pre-rank score,
+    ``retrieval_score`` the ANN inner product that brought it in."""
+
+    item_id: str
+    score: float
+    rank: int
+    retrieval_score: float
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """The answer to one request: from one model version and one index version.
+
+    ``latency_seconds`` is the scoring time of the batch the request was scored in.
+    """
+
+    request_id: str
+    user_id: str
+    items: tuple[RankedItem, ...]
+    index_version: Any
+    model_version: Any
+    learner: str
+    latency_seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON record produced to the rankings topic and returned over HTTP."""
+        return {
+            "request_id": self.request_id,
+            "user_id": self.user_id,
+            "items": [{"item_id": i.item_id, "score": i.score, "rank": i.rank} for i in self.items],
+            "index_version": self.index_version,
+            "model_version": self.model_version,
+            "learner": self.learner,
+            "latency_seconds": self.latency_seconds,
+        }
+
+
+@dataclass(frozen=True, eq=False)
+class ModelHandle:
+    """A fully loaded, never-mutated model and where it came from.
+
+    Attributes
+    ----------
+    learner
+        A two-tower learner: ``encode_users(xs) -> (B, D)``, ``score_candidates(user_x,
+        item_xs) -> (K,)``, ``predict_proba_many(xs) -> (B,)``.
+    name
+        The learner's name (its spec name): the ``learner`` metric label.
+    version
+        The model version reported with each answer (e.g. events learned).
+    created_at
+        When the checkpoint was written (epoch seconds), for the freshness metric.
+    path
+        The checkpoint file, if any.
+    """
+
+    learner: Any
+    name: str
+    version: Any
+    created_at: float | None = None
+    path: Path | None = None
+
+
+class LearnerSource(Protocol):
+    """Where the scorer gets the current model: ``current()`` is cheap and never blocks
+    on a load; it returns None until a model is available."""
+
+    def current(self) -> ModelHandle | None: ...
+
+
+class StaticLearnerSource:
+    """A fixed in-memory learner (tests, benchmarks, a model trained in-process)."""
+
+    def __init__(self, learner: Any, *, name: str | None = None, version: Any = 0,
+                 created_at: float | None = None) -> None:
+        spec = getattr(learner, "spec", None) or {}
+        self.handle = ModelHandle(
+            learner=learner, name=name or spec.get("name", type(learner).__name__), version=version,
+            created_at=created_at,
+        )
+
+    def current(self) -> ModelHandle:
+        return self.handle
+
+
+def _default_loader(path: Path) -> ModelHandle:
+    from learners.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    return ModelHandle(
+        learner=ckpt.learner(),
+        name=str(ckpt.spec["name"]),
+        version=int(ckpt.events_learned),
+        created_at=float(ckpt.created_at),
+        path=path,
+    )
+
+
+class CheckpointLearnerSource:
+    """The latest learner checkpoint, reloaded when a newer one appears.
+
+    Parameters
+    ----------
+    path
+        A checkpoint file (reloaded when it is replaced), or a directory whose newest
+        file matching ``pattern`` is taken.
+    pattern
+        Glob of checkpoint files inside a directory.
+    loader
+        ``Path -> ModelHandle``; the default reads it with ``learners.checkpoint``.
+    poll_interval_s
+        How often the background thread (:meth:`start`) looks for a newer file.
+    on_load
+        Called with each newly loaded handle (metrics, logs).
+
+    A reload builds a complete new learner from the file, then swaps one reference:
+    a request already holding the old handle finishes with the old model. A file that
+    fails to load is logged and skipped; the previous model keeps serving.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        pattern: str = "*.ckpt",
+        loader: Callable[[Path], ModelHandle] = _default_loader,
+        poll_interval_s: float = 1.0,
+        on_load: Callable[[ModelHandle], None] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.pattern = pattern
+        self.loader = loader
+        self.poll_interval_s = poll_interval_s
+        self.on_load = on_load
+        self._handle: ModelHandle | None = None
+        self._loaded_key: tuple[str, int, int] | None = None
+        self._failed_key: tuple[str, int, int] | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.last_error: str | None = None
+
+    def current(self) -> ModelHandle | None:
+        return self._handle
+
+    def _newest(self) -> tuple[Path, tuple[str, int, int]] | None:
+        if self.path.is_dir():
+            best: tuple[int, Path] | None = None
+            for p in self.path.glob(self.pattern):
+                try:
+                    st = p.stat()
+                except FileNotFoundError:  # removed by retention between glob and stat
+                    continue
+                if p.is_file() and (best is None or (st.st_mtime_ns, p.name) > (best[0], best[1].name)):
+                    best = (st.st_mtime_ns, p)
+            if best is None:
+                return None
+            path = best[1]
+        elif self.path.is_file():
+            path = self.path
+        else:
+            return None
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return None
+        return path, (str(path), st.st_ino, st.st_mtime_ns)
+
+    def refresh(self) -> bool:
+        """Load the newest checkpoint if it is not the one being served. True if swapped."""
+        with self._lock:
+            found = self._newest()
+            if found is None:
+                if self._handle is None:
+                    self.last_error = f"no checkpoint found at {self.path} (pattern {self.pattern})"
+                return False
+            path, key = found
+            if key == self._loaded_key or key == self._failed_key:
+                return False
+            try:
+                handle = self.loader(path)
+            except Exception as exc:  # a bad file must not take serving down: keep the old model
+                self._failed_key = key
+                self.last_error = f"could not load checkpoint {path}: {exc}"
+                logger.warning("%s; still serving %s", self.last_error,
+                               None if self._handle is None else self._handle.version)
+                return False
+            self._handle = handle  # the one reference swap
+            self._loaded_key = key
+            self.last_error = None
+        logger.info("loaded model %s version %s from %s", handle.name, handle.version, path)
+        if self.on_load is not None:
+            self.on_load(handle)
+        return True
+
+    def start(self) -> "CheckpointLearnerSource":
+        """Load now, then poll for newer checkpoints from a daemon thread."""
+        self.refresh()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="checkpoint-source", daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_interval_s):
+            try:
+                self.refresh()
+            except OSError as exc:
+                logger.warning("checkpoint poll of %s failed: %s", self.path, exc)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+            self._thread = None
+
+
+class IndexHolderLike(Protocol):
+    """What the scorer needs of :class:`indexer.handle.IndexHolder`: ``current``, the
+    served immutable handle (or None), whose ``search(user_vecs (B, D), k)`` returns a
+    result with ``ids`` (B, k) (``""`` padding), ``scores`` (B, k) and ``version``."""
+
+    @property
+    def current(self) -> Any: ...
+
+
+def _index_handle(holder: Any) -> Any:
+    return holder.current  # one reference read
+
+
+class ItemFeatureStore:
+    """Item id -> the item example the pre-ranker scores (``item_id`` + ``i:<feature>``).
+
+    Fed from the events stream (every impression and click carries its item's
+    features) and optionally a catalogue file (JSON lines, the indexer's format).
+    Usable as the scorer's ``item_xs``. An unknown item is scored by its id alone.
+
+    >>> store = ItemFeatureStore()
+    >>> store.upsert("i1", {"cat": "c2"})
+    >>> store(None, ["i1", "i9"])
+    [{'item_id': 'i1', 'i:cat': 'c2'}, {'item_id': 'i9'}]
+    """
+
+    def __init__(self) -> None:
+        self._xs: dict[str, dict[str, FeatureValue]] = {}
+
+    def __len__(self) -> int:
+        return len(self._xs)
+
+    def upsert(self, item_id: str, features: Mapping[str, FeatureValue]) -> None:
+        """Record an item's latest features (unprefixed names)."""
+        self._xs[item_id] = item_x(item_id, features)  # one dict assignment: readers see old or new
+
+    def observe_event(self, event: Event) -> None:
+        """Take an impression's or click's item (requests carry none). An event without
+        item features never erases features already known."""
+        if event.item_id is not None and (event.item_features or event.item_id not in self._xs):
+            self.upsert(event.item_id, event.item_features)
+
+    def load_jsonl(self, path: str | Path) -> int:
+        """Read a catalogue file (validated whole first); returns the records read."""
+        cat = Catalogue()
+        n = cat.load_jsonl(path)
+        snap = cat.snapshot()
+        for item_id, x in zip(snap.ids, snap.xs):
+            self._xs[item_id] = dict(x)
+        return n
+
+    def __call__(self, handle: Any, ids: Sequence[str]) -> list[Mapping[str, FeatureValue]]:
+        xs = self._xs
+        return [xs.get(i) or {"item_id": i} for i in ids]
+
+
+class Scorer:
+    """Retrieve top-``k_retrieve`` from the current index, pre-rank them, return the top ``k``.
+
+    Parameters
+    ----------
+    learner_source
+        Gives the current :class:`ModelHandle` (user tower + pre-ranker).
+    index_holder
+        Gives the current index handle (``current()``).
+    k_retrieve
+        ANN candidates fetched per request (K).
+    k_default
+        Items returned when a request does not say (``k=None``).
+    item_xs
+        ``(index handle, ids) -> list of item examples`` for the pre-ranker, e.g. an
+        :class:`ItemFeatureStore`; the default asks the index handle (``handle.item_xs(ids)``)
+        if it has that method, else scores ``{"item_id": id}``.
+    metrics
+        Where latencies are observed (``stage``: encode, retrieve, prerank, total).
+    clock
+        A monotonic clock in seconds.
+    """
+
+    def __init__(
+        self,
+        learner_source: LearnerSource,
+        index_holder: IndexHolderLike,
+        *,
+        k_retrieve: int = 100,
+        k_default: int = 10,
+        item_xs: Callable[[Any, Sequence[str]], list[Mapping[str, FeatureValue]]] | None = None,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        if k_retrieve < 1 or k_default < 1:
+            raise ValueError(f"k_retrieve and k_default must be >= 1, got {k_retrieve} and {k_default}")
+        self.learner_source = learner_source
+        self.index_holder = index_holder
+        self.k_retrieve = k_retrieve
+        self.k_default = k_default
+        self.item_xs = item_xs or _default_item_xs
+        self.metrics = metrics
+        self.clock = clock
+
+    def readiness(self) -> tuple[bool, str]:
+        """``(ready, reason)``: ready when a model and an index are loaded."""
+        missing = []
+        if self.learner_source.current() is None:
+            why = getattr(self.learner_source, "last_error", None)
+            missing.append("no model loaded" + (f" ({why})" if why else ""))
+        if _index_handle(self.index_holder) is None:
+            missing.append("no index loaded")
+        return (not missing, "; ".join(missing) or "ok")
+
+    def _snapshot(self) -> tuple[ModelHandle, Any]:
+        model = self.learner_source.current()
+        handle = _index_handle(self.index_holder)
+        if model is None or handle is None:
+            raise NotReadyError(self.readiness()[1])
+        return model, handle
+
+    def score(self, request: ScoreRequest) -> Ranking:
+        """Score one request."""
+        return self.score_many([request])[0]
+
+    def score_many(self, requests: Sequence[ScoreRequest]) -> list[Ranking]:
+        """Score a batch: one user-tower call and one ANN search for all of them.
+
+        Every ranking of the batch comes from the same model and index version.
+        """
+        if not requests:
+            return []
+        for r in requests:
+            if r.k is not None and not 1 <= r.k <= MAX_K:
+                raise BadRequestError(f"k must be in 1..{MAX_K}, got {r.k} (request {r.request_id})")
+        clock = self.clock
+        t0 = clock()
+        model, handle = self._snapshot()
+        learner = model.learner
+        uxs = [user_x(r.user_id, r.user_features) for r in requests]
+        vecs = np.ascontiguousarray(learner.encode_users(uxs), dtype=np.float32)
+        t1 = clock()
+        k_ret = max(self.k_retrieve, max((r.k or self.k_default) for r in requests))
+        found = handle.search(vecs, k_ret)
+        ids, rscores = found.ids, found.scores
+        t2 = clock()
+        version = found.version
+        ranked: list[tuple[ScoreRequest, list[RankedItem]]] = []
+        for row, (req, ux) in enumerate(zip(requests, uxs)):
+            cand, cand_r = _valid_candidates(ids[row], rscores[row])
+            if not cand:
+                ranked.append((req, []))
+                continue
+            pre = np.asarray(learner.score_candidates(ux, self.item_xs(handle, cand)), dtype=np.float64)
+            k = min(req.k or self.k_default, len(cand))
+            top = np.argsort(-pre, kind="stable")[:k]
+            ranked.append((req, [
+                RankedItem(item_id=cand[j], score=float(pre[j]), rank=n + 1, retrieval_score=float(cand_r[j]))
+                for n, j in enumerate(top.tolist())
+            ]))
+        t3 = clock()
+        total = t3 - t0
+        if self.metrics is not None:
+            h = self.metrics.score_latency
+            for stage, seconds in (("encode", t1 - t0), ("retrieve", t2 - t1), ("prerank", t3 - t2), ("total", total)):
+                child = h.labels(stage=stage)
+                for _ in requests:
+                    child.observe(seconds)
+        return [
+            Ranking(request_id=req.request_id, user_id=req.user_id, items=tuple(items), index_version=version,
+                    model_version=model.version, learner=model.name, latency_seconds=total)
+            for req, items in ranked
+        ]
+
+
+def _valid_candidates(ids: Iterable[Any], scores: Iterable[float]) -> tuple[list[str], list[float]]:
+    """Drop FAISS's padding (label -1 / id None or "") from one result row."""
+    cand: list[str] = []
+    cand_r: list[float] = []
+    for i, s in zip(ids, scores):
+        if i is None or (isinstance(i, (int, np.integer)) and i < 0) or i == "":
+            continue
+        cand.append(str(i))
+        cand_r.append(float(s))
+    return cand, cand_r
+
+
+def _default_item_xs(handle: Any, ids: Sequence[str]) -> list[Mapping[str, FeatureValue]]:
+    fn = getattr(handle, "item_xs", None)
+    if callable(fn):
+        return list(fn(ids))
+    return [{"item_id": i} for i in ids]
+
