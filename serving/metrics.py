@@ -35,9 +35,19 @@ import math
 import re
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -48,7 +58,10 @@ __all__ = [
     "Metrics",
     "LearnerStatsCollector",
     "IndexerStatsCollector",
+    "MetricsHTTPServer",
     "start_metrics_server",
+    "learner_ready",
+    "indexer_ready",
     "metric_names",
     "version_number",
 ]
@@ -453,18 +466,106 @@ class IndexerStatsCollector(Collector):
 # --------------------------------------------------------------------------- helpers
 
 
-def start_metrics_server(port: int, registry: CollectorRegistry = REGISTRY, addr: str = "0.0.0.0") -> Any:
-    """Serve ``/metrics`` of ``registry`` on ``addr:port`` from a daemon thread.
+class _MetricsHandler(BaseHTTPRequestHandler):
+    server: "MetricsHTTPServer"
+    protocol_version = "HTTP/1.1"
 
-    For processes without the scorer's HTTP server (learners, the indexer). ``port=0``
-    picks a free port. Returns the server; ``server.server_port`` is the bound port and
-    ``server.shutdown()`` stops it.
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
+        logger.debug("%s - %s", self.address_string(), format % args)
+
+    def _send(self, status: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+        path = self.path.split("?", 1)[0].rstrip("/")
+        if path == "/metrics":
+            self._send(200, generate_latest(self.server.registry), CONTENT_TYPE_LATEST)
+        elif path == "/healthz":
+            self._send(200, b"alive\n")
+        elif path == "/readyz":
+            try:
+                ready, reason = self.server.ready()
+            except Exception as exc:  # a probe must answer, whatever the check did
+                ready, reason = False, f"readiness check failed: {type(exc).__name__}: {exc}"
+            self._send(200 if ready else 503, f"{reason}\n".encode())
+        else:
+            self._send(404, b"try /metrics, /healthz or /readyz\n")
+
+
+class MetricsHTTPServer(ThreadingHTTPServer):
+    """``/metrics``, ``/healthz`` and ``/readyz`` for processes without the scorer's HTTP
+    server (learners, the indexer)."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], registry: CollectorRegistry,
+                 ready: Callable[[], tuple[bool, str]]) -> None:
+        super().__init__(address, _MetricsHandler)
+        self.registry = registry
+        self.ready = ready
+
+    @property
+    def port(self) -> int:
+        return int(self.server_address[1])
+
+
+def start_metrics_server(
+    port: int,
+    registry: CollectorRegistry = REGISTRY,
+    addr: str = "0.0.0.0",
+    *,
+    ready: Callable[[], tuple[bool, str]] | None = None,
+) -> MetricsHTTPServer:
+    """Serve ``/metrics`` of ``registry`` (plus ``/healthz`` and ``/readyz``) from a daemon thread.
+
+    Parameters
+    ----------
+    port
+        TCP port; ``0`` picks a free one (``server.port``).
+    registry
+        What ``/metrics`` exposes.
+    addr
+        Bind address.
+    ready
+        ``() -> (ready, reason)`` for ``/readyz`` (200 or 503 with the reason), e.g. "a
+        checkpoint was loaded" for a learner or "a version is published" for the indexer;
+        None: always ready.
+
+    Stop it with ``server.shutdown()``.
     """
-    from prometheus_client import start_http_server
-
-    server, _thread = start_http_server(port, addr=addr, registry=registry)
-    logger.info("serving /metrics on %s:%d", addr, server.server_port)
+    server = MetricsHTTPServer((addr, port), registry, ready or (lambda: (True, "ok")))
+    threading.Thread(target=server.serve_forever, args=(0.1,), name="metrics-http", daemon=True).start()
+    logger.info("serving /metrics /healthz /readyz on %s:%d", addr, server.port)
     return server
+
+
+def learner_ready(runtime: Any) -> Callable[[], tuple[bool, str]]:
+    """A ``/readyz`` check for a learner process: ready once its runtime consumed a batch.
+
+    >>> learner_ready(lambda: type("S", (), {"records": 0})())()
+    (False, 'no record consumed yet')
+    """
+    def check() -> tuple[bool, str]:
+        s = _read(runtime, "stats")
+        n = int(getattr(s, "records", 0))
+        return (n > 0, f"{n} records consumed" if n else "no record consumed yet")
+
+    return check
+
+
+def indexer_ready(service: Any) -> Callable[[], tuple[bool, str]]:
+    """A ``/readyz`` check for the indexer process: ready once a version is published."""
+    def check() -> tuple[bool, str]:
+        m = getattr(service, "metrics", service)
+        v = getattr(m, "index_version", None)
+        return (v is not None, f"serving index version {v}" if v is not None else "no index version published yet")
+
+    return check
 
 
 def metric_names(registry: CollectorRegistry) -> set[str]:

@@ -19,6 +19,8 @@ from serving.metrics import (
     IndexerStatsCollector,
     LearnerStatsCollector,
     Metrics,
+    indexer_ready,
+    learner_ready,
     metric_names,
     start_metrics_server,
     version_number,
@@ -167,18 +169,37 @@ def test_version_number() -> None:
     assert math.isnan(version_number("none"))
 
 
-def test_start_metrics_server_serves_the_registry(fakes: Any) -> None:
+def test_start_metrics_server_serves_metrics_and_probes(fakes: Any) -> None:
     reg = CollectorRegistry()
     Metrics(registry=reg).requests.labels(source="kafka", outcome="ok").inc(3)
-    server = start_metrics_server(0, reg, addr="127.0.0.1")
+    state = {"ready": (False, "no index version published yet")}
+    server = start_metrics_server(0, reg, addr="127.0.0.1", ready=lambda: state["ready"])
+    base = f"http://127.0.0.1:{server.port}"
     try:
-        status, body = fakes.http_get(f"http://127.0.0.1:{server.server_port}/metrics")
+        status, body = fakes.http_get(f"{base}/metrics")
+        probes = [fakes.http_get(f"{base}/healthz"), fakes.http_get(f"{base}/readyz")]
+        state["ready"] = (True, "serving index version 3")
+        probes.append(fakes.http_get(f"{base}/readyz"))
+        missing = fakes.http_get(f"{base}/nope")[0]
     finally:
         server.shutdown()
+        server.server_close()
     assert status == 200
     values = {(s.name, s.labels.get("outcome"), s.labels.get("source")): s.value
               for fam in text_string_to_metric_families(body.decode()) for s in fam.samples}
     assert values[("towerstream_requests_total", "ok", "kafka")] == 3.0
+    assert probes == [(200, b"alive\n"), (503, b"no index version published yet\n"),
+                      (200, b"serving index version 3\n")]
+    assert missing == 404
+
+
+def test_readiness_checks_of_learner_and_indexer() -> None:
+    assert learner_ready(lambda: runtime_stats(records=0))() == (False, "no record consumed yet")
+    assert learner_ready(lambda: runtime_stats(records=5))() == (True, "5 records consumed")
+    m = IndexerMetrics()
+    assert indexer_ready(m)()[0] is False
+    m.index_version = 2
+    assert indexer_ready(m)() == (True, "serving index version 2")
 
 
 def test_metric_names_lists_sample_names() -> None:
