@@ -301,18 +301,44 @@ class _KPProducer:
         self._p.close()
 
 
-class _KPListener:
-    def __init__(self, owner: "_KPConsumer", on_assigned: RebalanceCallback | None,
-                 on_revoked: RebalanceCallback | None) -> None:
-        self._owner, self._on_assigned, self._on_revoked = owner, on_assigned, on_revoked
+try:  # kafka-python >= 3: listeners may be coroutines, awaited on the IO thread
+    from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener as _KP_ASYNC_LISTENER
+except ImportError:  # kafka-python 2.x: listeners run inside poll() on the caller's thread
+    _KP_ASYNC_LISTENER = None
 
-    def on_partitions_revoked(self, revoked: Any) -> None:
-        if self._on_revoked is not None and revoked:
-            self._on_revoked(sorted(TopicPartition(tp.topic, tp.partition) for tp in revoked))
 
-    def on_partitions_assigned(self, assigned: Any) -> None:
-        if self._on_assigned is not None and assigned:
-            self._on_assigned(sorted(TopicPartition(tp.topic, tp.partition) for tp in assigned))
+def _kafka_python_listener(owner: "_KPConsumer", on_assigned: RebalanceCallback | None,
+                           on_revoked: RebalanceCallback | None) -> Any:
+    """A kafka-python rebalance listener calling our callbacks with TopicPartition lists."""
+
+    async def await_commits(deferred: list[Any]) -> None:
+        for future, offsets in deferred:
+            try:
+                await future
+            except Exception as exc:  # the next owner re-reads from the last good commit
+                log.warning("commit of %s during a rebalance failed: %s", _fmt_offsets(offsets), exc)
+
+    if _KP_ASYNC_LISTENER is not None:
+
+        class _Async(_KP_ASYNC_LISTENER):  # type: ignore[misc, valid-type]
+            async def on_partitions_revoked(self, revoked: Any) -> None:
+                await await_commits(owner._call_listener(on_revoked, revoked))
+
+            async def on_partitions_assigned(self, assigned: Any) -> None:
+                await await_commits(owner._call_listener(on_assigned, assigned))
+
+        return _Async()
+
+    from kafka.consumer.subscription_state import ConsumerRebalanceListener
+
+    class _Sync(ConsumerRebalanceListener):
+        def on_partitions_revoked(self, revoked: Any) -> None:
+            owner._call_listener(on_revoked, revoked)
+
+        def on_partitions_assigned(self, assigned: Any) -> None:
+            owner._call_listener(on_assigned, assigned)
+
+    return _Sync()
 
 
 class _KPConsumer:
@@ -332,6 +358,11 @@ class _KPConsumer:
         }
         config.update(_kafka_python_options(settings.options, "consumer"))
         self.group_id = group_id
+        # kafka-python 3 runs rebalance callbacks on its IO thread, where a blocking call
+        # (commit, end_offsets, ...) cannot run: a commit made there is sent asynchronously
+        # and awaited by the (async) listener before the rebalance goes on.
+        self._in_listener = False
+        self._deferred: list[Any] = []
         self._c = KafkaConsumer(
             bootstrap_servers=settings.bootstrap_servers.split(","),
             group_id=group_id, enable_auto_commit=False, **config,
@@ -345,14 +376,20 @@ class _KPConsumer:
 
     def subscribe(self, topics: Sequence[str], *, on_assigned: RebalanceCallback | None = None,
                   on_revoked: RebalanceCallback | None = None) -> None:
-        from kafka.consumer.subscription_state import ConsumerRebalanceListener
+        self._c.subscribe(topics=list(topics), listener=_kafka_python_listener(self, on_assigned, on_revoked))
 
-        listener = _KPListener(self, on_assigned, on_revoked)
-        adapter = type("_Listener", (ConsumerRebalanceListener,), {
-            "on_partitions_revoked": lambda _self, revoked: listener.on_partitions_revoked(revoked),
-            "on_partitions_assigned": lambda _self, assigned: listener.on_partitions_assigned(assigned),
-        })()
-        self._c.subscribe(topics=list(topics), listener=adapter)
+    def _call_listener(self, callback: RebalanceCallback | None, partitions: Any) -> list[Any]:
+        """Run a rebalance callback; returns the commit futures it left to await."""
+        if callback is None or not partitions:
+            return []
+        self._deferred = []
+        self._in_listener = True
+        try:
+            callback(sorted(TopicPartition(tp.topic, tp.partition) for tp in partitions))
+        finally:
+            self._in_listener = False
+        deferred, self._deferred = self._deferred, []
+        return deferred
 
     def assign(self, partitions: Iterable[TopicPartition]) -> None:
         self._c.assign([self._ktp(tp) for tp in partitions])
@@ -371,6 +408,7 @@ class _KPConsumer:
         self._c.seek(self._ktp(partition), offset)
 
     def position(self, partition: TopicPartition) -> int | None:
+        self._not_in_listener("position")
         try:
             return self._c.position(self._ktp(partition), timeout_ms=5000)
         except Exception as exc:  # kafka-python: IllegalStateError / timeouts
@@ -378,6 +416,7 @@ class _KPConsumer:
             return None
 
     def committed(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int | None]:
+        self._not_in_listener("committed")
         return {tp: self._c.committed(self._ktp(tp)) for tp in partitions}
 
     def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
@@ -385,12 +424,24 @@ class _KPConsumer:
 
         if not offsets:
             return
+        request = {self._ktp(tp): OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()}
+        if self._in_listener and _KP_ASYNC_LISTENER is not None:
+            self._deferred.append((self._c.commit_async(request), offsets))
+            return
         try:
-            self._c.commit({self._ktp(tp): OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()})
+            self._c.commit(request)
         except Exception as exc:  # CommitFailedError, KafkaTimeoutError, ...
             raise KafkaTransportError(f"commit of {_fmt_offsets(offsets)} failed: {exc}") from exc
 
+    def _not_in_listener(self, what: str) -> None:
+        if self._in_listener and _KP_ASYNC_LISTENER is not None:
+            raise KafkaTransportError(
+                f"{what} blocks, and kafka-python runs rebalance callbacks on its IO thread: call it "
+                "after poll() returns (commit and seek are fine inside a callback)"
+            )
+
     def end_offsets(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+        self._not_in_listener("end_offsets")
         ends = self._c.end_offsets([self._ktp(tp) for tp in partitions])
         return {TopicPartition(tp.topic, tp.partition): off for tp, off in ends.items()}
 
