@@ -6,7 +6,9 @@ Requests go to the requests topic, impressions and clicks to the events topic, e
 record keyed by its user id. ``--rate`` paces the stream in wall-clock time (0: as fast
 as the producer takes it); ``--events`` and ``--duration`` bound it (without either,
 ``simulate`` runs until Ctrl-C). A progress line goes to stderr and a count per event
-kind to stdout at the end.
+kind to stdout at the end. ``replay --on-bad-line skip`` replays only the rating lines
+that pass the checks (default ``raise``: a damaged file stops the replay, naming the
+line) and prints the skipped lines per reason at the end.
 """
 
 from __future__ import annotations
@@ -153,6 +155,9 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
                      help="folder holding the MovieLens files (with --download: where to put them)")
     rep.add_argument("--download", default=None, metavar="NAME", choices=("ml-100k", "ml-1m"),
                      help="download NAME from files.grouplens.org first (needs internet)")
+    rep.add_argument("--on-bad-line", default="raise", choices=("raise", "skip"),
+                     help="a rating line that fails a check: 'raise' stops with the file and line (default); "
+                          "'skip' leaves it out, counts it per reason and replays the rest")
     rep.set_defaults(func=_replay)
 
 
@@ -171,7 +176,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    from streams.replay import download_movielens, iter_movielens_events
+    from streams.replay import download_movielens, iter_movielens_events, load_movielens
 
     _check(args)
     path = args.path
@@ -180,12 +185,24 @@ def _replay(args: argparse.Namespace) -> int:
         path = download_movielens(args.download, dest)
     if path is None:
         raise ConfigError("replay needs --path DIR (an unzipped ml-100k or ml-1m folder) or --download NAME")
-    events = iter_movielens_events(path)
+    ml = load_movielens(path, on_bad_line=args.on_bad_line)
+    events = iter_movielens_events(ml)
     if args.events is not None:
         from itertools import islice
 
         events = islice(events, args.events)
-    return _run(args, events)
+    try:
+        return _run(args, events)
+    finally:
+        if ml.skipped:
+            _report_skipped(ml)
+
+
+def _report_skipped(ml) -> None:
+    ratings = "ratings.dat" if ml.name == "ml-1m" else "u.data"
+    print(f"skipped {ml.n_skipped} bad lines of {ratings} (--on-bad-line skip; {len(ml)} usable):")
+    for reason, n in sorted(ml.skipped.items(), key=lambda kv: (-kv[1], kv[0])):
+        print(f"  {reason}: {n}")
 
 
 def _check(args: argparse.Namespace) -> None:

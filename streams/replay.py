@@ -18,6 +18,16 @@ file order), with ``event_time`` the rating timestamp and one ``request_id`` per
 (user, timestamp). Files are checked strictly: a damaged file raises
 :class:`~streams.errors.ConfigError` naming the file and the line.
 
+``on_bad_line="skip"`` (``--on-bad-line skip`` on the command line) instead drops the
+rating lines that fail a check (field count, empty or non-integer field, rating
+outside 1..5, user or item id missing from the user or item table), counts them per
+reason (:attr:`MovieLens.skipped`), keeps the first few
+(:attr:`MovieLens.skipped_examples`) and logs a WARNING; the user and item tables are
+still checked strictly. A *digit frequency check* also looks at the whole ratings
+file: a large numeric file in which a digit never occurs has lost that character
+throughout, so even the lines that parse may carry wrong ids and timestamps; that is
+logged as a WARNING too (and added to the error in strict mode).
+
 User features: ``age`` (bucket), ``gender``, ``occupation``, ``zip_prefix`` (first
 character of the zip code). Item features: ``genres`` (tuple), ``year_bucket``
 (release decade, e.g. ``"1990s"``, or ``"unknown"``).
@@ -38,7 +48,8 @@ import urllib.request
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Mapping
+from types import MappingProxyType
+from typing import Iterator, Literal, Mapping, NamedTuple
 
 import numpy as np
 
@@ -47,6 +58,8 @@ from streams.events import Event, FeatureValue
 
 __all__ = [
     "MovieLens",
+    "SkippedLine",
+    "OnBadLine",
     "MOVIELENS_FORMATS",
     "GROUPLENS_URL",
     "load_movielens",
@@ -80,6 +93,17 @@ _ML1M_OCCUPATIONS = (
 _YEAR_IN_TITLE = re.compile(r"\((\d{4})\)\s*$")
 _ENCODING = "latin-1"
 
+OnBadLine = Literal["raise", "skip"]
+_ON_BAD_LINE = ("raise", "skip")
+_EXAMPLES_PER_REASON = 3  # skipped lines kept as examples, per reason
+# The digit frequency check runs on files with at least this many rating lines: every
+# line holds ~15 digits (ids, rating, 9-10 digit timestamp), so in intact data of this
+# size each of the ten digits occurs many times.
+_DIGIT_CHECK_MIN_LINES = 1000
+_RATING_FIELDS = ("user id", "item id", "rating", "timestamp")
+_RATING_KEYS = ("user_id", "item_id", "rating", "timestamp")
+_INT = re.compile(r"[0-9]+")  # ASCII digits only: str.isdigit() also accepts e.g. latin-1 superscripts
+
 
 def age_bucket(age: int) -> str:
     """The MovieLens-1M age bucket of an age in years."""
@@ -100,6 +124,15 @@ def _zip_prefix(zip_code: str) -> str:
     return z[:1] if z else "unknown"
 
 
+class SkippedLine(NamedTuple):
+    """A rating line left out in ``on_bad_line="skip"`` mode."""
+
+    file: Path
+    line: int  #: 1-based line number
+    text: str  #: the raw line
+    reason: str  #: a key of :attr:`MovieLens.skipped`, e.g. ``"empty_rating"``
+
+
 @dataclass(frozen=True, eq=False)
 class MovieLens:
     """Parsed MovieLens tables.
@@ -116,6 +149,15 @@ class MovieLens:
         Id -> event features (see the module docstring).
     titles
         Item id -> title.
+    skipped
+        Rating lines left out, per reason (``on_bad_line="skip"``; empty otherwise):
+        ``wrong_field_count``, ``empty_<field>``, ``non_integer_<field>`` (field:
+        ``user_id``, ``item_id``, ``rating``, ``timestamp``), ``rating_out_of_range``,
+        ``unknown_user_id``, ``unknown_item_id``. A line counts once, for its first failure.
+    skipped_examples
+        The first few skipped lines of each reason, in file order.
+    line_numbers
+        The 1-based line of each rating in the ratings file (``None``: line ``i + 1``).
     """
 
     name: str
@@ -127,6 +169,14 @@ class MovieLens:
     users: Mapping[int, dict[str, FeatureValue]] = field(repr=False)
     items: Mapping[int, dict[str, FeatureValue]] = field(repr=False)
     titles: Mapping[int, str] = field(repr=False)
+    skipped: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    skipped_examples: tuple[SkippedLine, ...] = ()
+    line_numbers: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def n_skipped(self) -> int:
+        """How many rating lines were skipped."""
+        return sum(self.skipped.values())
 
     def __len__(self) -> int:
         return len(self.ratings)
@@ -168,38 +218,126 @@ def _read_rows(path: Path, sep: str, ncols: int | None, what: str) -> list[list[
     return rows
 
 
-def _parse_ratings(path: Path, sep: str) -> tuple[np.ndarray, ...]:
-    rows = _read_rows(path, sep, 4, "rating")
-    if not rows:
-        raise ConfigError(f"{path} holds no ratings")
+class _Ratings(NamedTuple):
+    user_ids: np.ndarray
+    item_ids: np.ndarray
+    ratings: np.ndarray
+    timestamps: np.ndarray
+    line_numbers: np.ndarray
+    n_lines: int  # rating lines read (kept + skipped)
+    skipped: Mapping[str, int]
+    examples: tuple[SkippedLine, ...]
+
+
+def _check_on_bad_line(on_bad_line: str) -> None:
+    if on_bad_line not in _ON_BAD_LINE:
+        raise ConfigError(f"on_bad_line must be 'raise' or 'skip', got {on_bad_line!r}")
+
+
+def _digit_frequency_problem(path: Path, text: str, n_lines: int) -> str | None:
+    """Why ``text`` (a numeric ratings file) looks systematically corrupted, or ``None``.
+
+    In intact rating data of :data:`_DIGIT_CHECK_MIN_LINES` lines or more every digit
+    occurs many times; a digit that never occurs means a character was lost throughout
+    the file, which also silently changes the ids and timestamps of lines that still parse.
+    """
+    if n_lines < _DIGIT_CHECK_MIN_LINES:
+        return None
+    missing = [d for d in "0123456789" if d not in text]
+    if not missing:
+        return None
+    which = (f"digit {missing[0]!r} never occurs" if len(missing) == 1
+             else f"digits {', '.join(repr(d) for d in missing)} never occur")
+    return (f"digit frequency check: {which} in the {n_lines:,} lines of {path}; "
+            f"the file looks systematically corrupted (that character was lost throughout), so the ids "
+            f"and timestamps of the lines that still parse may be wrong too; replace it with an intact copy")
+
+
+def _parse_line(line: str, sep: str, users: Mapping[int, object],
+                items: Mapping[int, object]) -> tuple[str, str] | tuple[int, int, int, int]:
+    """The ``(user, item, rating, timestamp)`` of a rating line, or ``(reason, message)``."""
+    row = line.split(sep)
+    if len(row) != 4:
+        return "wrong_field_count", f"expected 4 rating fields separated by {sep!r}, got {len(row)}"
+    for name, key, value in zip(_RATING_FIELDS, _RATING_KEYS, row):
+        if not _INT.fullmatch(value.strip()):
+            reason = f"empty_{key}" if not value.strip() else f"non_integer_{key}"
+            return reason, f"{name} {value!r} is not a non-negative integer (ratings must be whole stars 1..5)"
+    u, i, r, t = (int(v) for v in row)
+    if not 1 <= r <= 5:
+        return "rating_out_of_range", f"rating {r} is outside 1..5"
+    if u not in users:
+        return "unknown_user_id", f"user {u} is not in the user table"
+    if i not in items:
+        return "unknown_item_id", f"item {i} is not in the item table"
+    return u, i, r, t
+
+
+_HINTS = {
+    "wrong_field_count": "the file is damaged or not MovieLens data",
+    "unknown_user_id": "the files do not belong together or are damaged",
+    "unknown_item_id": "the files do not belong together or are damaged",
+    "rating_out_of_range": "the file is damaged",
+}
+
+
+def _parse_ratings(path: Path, sep: str, users: Mapping[int, object], items: Mapping[int, object],
+                   on_bad_line: str) -> _Ratings:
+    """Parse and check a ratings file; see :func:`load_movielens` for ``on_bad_line``."""
     try:
-        table = np.array(rows).astype(np.int64)
-    except ValueError:
-        names = ("user id", "item id", "rating", "timestamp")
-        for lineno, row in enumerate(rows, 1):
-            for name, value in zip(names, row):
-                if not value.strip().isdigit():
-                    raise ConfigError(
-                        f"{path} line {lineno}: {name} {value!r} is not a non-negative integer "
-                        f"(ratings must be whole stars 1..5); the file is damaged, re-download it"
-                    ) from None
-        raise
-    ratings = table[:, 2]
-    bad = np.flatnonzero((ratings < 1) | (ratings > 5))
-    if bad.size:
-        raise ConfigError(f"{path} line {bad[0] + 1}: rating {ratings[bad[0]]} is outside 1..5")
-    return table[:, 0], table[:, 1], ratings, table[:, 3]
+        text = path.read_text(encoding=_ENCODING)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+    lines = text.splitlines()
+    while lines and lines[-1] == "":  # trailing blank lines; lines[i] stays line i + 1
+        lines.pop()
+    if not lines:
+        raise ConfigError(f"{path} holds no ratings")
+    corrupted = _digit_frequency_problem(path, text, len(lines))
+    kept: list[tuple[int, int, int, int]] = []
+    kept_lines: list[int] = []
+    skipped: dict[str, int] = {}
+    examples: list[SkippedLine] = []
+    esc = re.escape(sep)
+    plain = re.compile(rf"([0-9]+){esc}([0-9]+){esc}([1-5]){esc}([0-9]+)").fullmatch  # the common, valid line
+    for lineno, line in enumerate(lines, 1):
+        m = plain(line)
+        if m is not None:
+            u, i = int(m[1]), int(m[2])
+            if u in users and i in items:
+                kept.append((u, i, int(m[3]), int(m[4])))
+                kept_lines.append(lineno)
+                continue
+        parsed = _parse_line(line, sep, users, items)  # says what is wrong (or accepts padded fields)
+        if isinstance(parsed[0], int):
+            kept.append(parsed)  # type: ignore[arg-type]
+            kept_lines.append(lineno)
+            continue
+        reason, message = parsed
+        if on_bad_line == "raise":
+            hint = _HINTS.get(reason, "the file is damaged, re-download it")
+            extra = f"; {corrupted}" if corrupted else ""
+            raise ConfigError(f"{path} line {lineno}: {message}; {hint}{extra}. To use only the lines that "
+                              "pass, load with on_bad_line='skip' (CLI: --on-bad-line skip)")
+        skipped[reason] = skipped.get(reason, 0) + 1
+        if skipped[reason] <= _EXAMPLES_PER_REASON:
+            examples.append(SkippedLine(path, lineno, line, reason))
+    if corrupted:
+        log.warning("%s", corrupted)
+    if skipped:
+        total = sum(skipped.values())
+        reasons = ", ".join(f"{k} {v:,}" for k, v in sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0])))
+        first = "; ".join(f"line {e.line} {e.text!r} ({e.reason})" for e in examples[:3])
+        log.warning("skipped %s of the %s lines of %s (%s usable): %s; e.g. %s", f"{total:,}",
+                    f"{len(lines):,}", path, f"{len(kept):,}", reasons, first)
+    if not kept:
+        raise ConfigError(f"{path} holds no usable rating line ({len(lines):,} lines, all skipped)")
+    table = np.array(kept, dtype=np.int64)
+    return _Ratings(table[:, 0], table[:, 1], table[:, 2], table[:, 3], np.array(kept_lines, dtype=np.int64),
+                    len(lines), MappingProxyType(skipped), tuple(sorted(examples, key=lambda e: e.line)))
 
 
-def _check_known(path: Path, ids: np.ndarray, known: Mapping[int, object], what: str) -> None:
-    ok = np.isin(ids, np.fromiter(known.keys(), dtype=np.int64, count=len(known)))
-    if not ok.all():
-        first = int(np.flatnonzero(~ok)[0])
-        raise ConfigError(f"{path} line {first + 1}: {what} {ids[first]} is not in the {what} table; "
-                          "the files do not belong together or are damaged")
-
-
-def _load_ml100k(p: Path) -> MovieLens:
+def _load_ml100k(p: Path, on_bad_line: str) -> MovieLens:
     users: dict[int, dict[str, FeatureValue]] = {}
     for lineno, row in enumerate(_read_rows(p / "u.user", "|", 5, "user"), 1):
         if not (row[0].isdigit() and row[1].isdigit()):
@@ -224,19 +362,28 @@ def _load_ml100k(p: Path) -> MovieLens:
                               "year_bucket": year_bucket(year)}
         titles[int(row[0])] = row[1]
     path = p / "u.data"
-    user_ids, item_ids, ratings, timestamps = _parse_ratings(path, "\t")
-    _check_known(path, user_ids, users, "user")
-    _check_known(path, item_ids, items, "item")
+    got = _parse_ratings(path, "\t", users, items, on_bad_line)
     info = p / "u.info"
     if info.is_file():
         declared = re.search(r"(\d+)\s+ratings", info.read_text(encoding=_ENCODING))
-        if declared and int(declared.group(1)) != len(ratings):
-            raise ConfigError(f"{info} declares {declared.group(1)} ratings but {path} holds {len(ratings)}; "
-                              "the file is truncated or damaged, re-download it")
-    return MovieLens("ml-100k", p, user_ids, item_ids, ratings, timestamps, users, items, titles)
+        if declared and int(declared.group(1)) != got.n_lines:
+            message = (f"{info} declares {declared.group(1)} ratings but {path} holds {got.n_lines} rating "
+                       "lines; the file is truncated or damaged, re-download it")
+            if on_bad_line == "raise":
+                raise ConfigError(message)
+            log.warning("%s (using the %s lines that pass)", message, f"{len(got.ratings):,}")
+        elif declared and got.skipped:  # the count matches: the skipped lines explain the shortfall
+            log.info("%s declares %s ratings and %s holds as many lines; %s were skipped, %s are used",
+                     info, declared.group(1), path, f"{sum(got.skipped.values()):,}", f"{len(got.ratings):,}")
+    return _movielens("ml-100k", p, got, users, items, titles)
 
 
-def _load_ml1m(p: Path) -> MovieLens:
+def _movielens(name: str, p: Path, got: _Ratings, users, items, titles) -> MovieLens:
+    return MovieLens(name, p, got.user_ids, got.item_ids, got.ratings, got.timestamps, users, items, titles,
+                     skipped=got.skipped, skipped_examples=got.examples, line_numbers=got.line_numbers)
+
+
+def _load_ml1m(p: Path, on_bad_line: str) -> MovieLens:
     users: dict[int, dict[str, FeatureValue]] = {}
     for lineno, row in enumerate(_read_rows(p / "users.dat", "::", 5, "user"), 1):
         if not all(v.isdigit() for v in (row[0], row[2], row[3])):
@@ -258,31 +405,46 @@ def _load_ml1m(p: Path) -> MovieLens:
         items[int(row[0])] = {"genres": genres or ("unknown",),
                               "year_bucket": year_bucket(int(m.group(1)) if m else None)}
         titles[int(row[0])] = row[1]
-    path = p / "ratings.dat"
-    user_ids, item_ids, ratings, timestamps = _parse_ratings(path, "::")
-    _check_known(path, user_ids, users, "user")
-    _check_known(path, item_ids, items, "item")
-    return MovieLens("ml-1m", p, user_ids, item_ids, ratings, timestamps, users, items, titles)
+    got = _parse_ratings(p / "ratings.dat", "::", users, items, on_bad_line)
+    return _movielens("ml-1m", p, got, users, items, titles)
 
 
-def load_movielens(path: str | os.PathLike) -> MovieLens:
-    """Parse the MovieLens data in ``path`` (format detected from its files)."""
+def load_movielens(path: str | os.PathLike, *, on_bad_line: OnBadLine = "raise") -> MovieLens:
+    """Parse the MovieLens data in ``path`` (format detected from its files).
+
+    Parameters
+    ----------
+    on_bad_line
+        ``"raise"`` (default): the first rating line that fails a check raises
+        :class:`ConfigError` naming the file and the line, so damaged data is never
+        used silently. ``"skip"``: such lines are left out, counted per reason in
+        :attr:`MovieLens.skipped` (first few in :attr:`MovieLens.skipped_examples`)
+        and reported in a WARNING log; a ``u.info`` rating count that differs from
+        the lines in ``u.data`` becomes a WARNING too. Only the ratings file is
+        lenient: a damaged user or item table still raises.
+    """
+    _check_on_bad_line(on_bad_line)
     p = Path(path)
     name = detect_movielens_format(p)
-    return _load_ml100k(p) if name == "ml-100k" else _load_ml1m(p)
+    return _load_ml100k(p, on_bad_line) if name == "ml-100k" else _load_ml1m(p, on_bad_line)
 
 
-def iter_movielens_events(path: str | os.PathLike | MovieLens, *, click_threshold: int = 4) -> Iterator[Event]:
+def iter_movielens_events(path: str | os.PathLike | MovieLens, *, click_threshold: int = 4,
+                          on_bad_line: OnBadLine = "raise") -> Iterator[Event]:
     """Yield the ratings in ``path`` as impressions (and clicks), in timestamp order.
 
-    ``path`` may also be an already loaded :class:`MovieLens`. The files are parsed
-    (and checked) before the first event is yielded.
+    ``path`` may also be an already loaded :class:`MovieLens` (``on_bad_line`` is then
+    not used). The files are parsed (and checked, see :func:`load_movielens` for
+    ``on_bad_line``) before the first event is yielded. Event ids carry the rating's
+    0-based line index in the ratings file (``ml100k-<index>``, clicks ``-c``).
     """
-    ml = path if isinstance(path, MovieLens) else load_movielens(path)
+    _check_on_bad_line(on_bad_line)
+    ml = path if isinstance(path, MovieLens) else load_movielens(path, on_bad_line=on_bad_line)
     prefix = ml.name.replace("-", "")
     order = np.argsort(ml.timestamps, kind="stable")
+    rows = order if ml.line_numbers is None else ml.line_numbers[order] - 1
     users, items = ml.users, ml.items
-    return _events(prefix, order.tolist(), ml.user_ids[order].tolist(), ml.item_ids[order].tolist(),
+    return _events(prefix, rows.tolist(), ml.user_ids[order].tolist(), ml.item_ids[order].tolist(),
                    ml.ratings[order].tolist(), ml.timestamps[order].tolist(), users, items, click_threshold)
 
 

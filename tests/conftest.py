@@ -8,6 +8,9 @@
    (Maven-resolved jars cached in ``~/.cache/towerstream``).
 
 Without a broker the test is skipped, unless ``TOWERSTREAM_REQUIRE_KAFKA=1``: then it fails.
+
+``movielens_path`` (session) is the shared ml-100k folder (``$TOWERSTREAM_ML100K``, else
+``<repo>/../shared/data/ml-100k``); skipped when missing, unless ``TOWERSTREAM_REQUIRE_DATA=1``.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+_REPO = Path(__file__).resolve().parents[1]
+_DEFAULT_ML100K = _REPO.parent / "shared" / "data" / "ml-100k"
+
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "kafka: needs a real Kafka broker (fails instead of skipping "
@@ -38,6 +44,24 @@ def kafka_unavailable(reason: str) -> NoReturn:
     if os.environ.get("TOWERSTREAM_REQUIRE_KAFKA") == "1":
         pytest.fail(f"Kafka required (TOWERSTREAM_REQUIRE_KAFKA=1) but unavailable: {reason}", pytrace=False)
     pytest.skip(f"no Kafka broker: {reason} (or set KAFKA_BOOTSTRAP_SERVERS to a running broker)")
+
+
+@pytest.fixture(scope="session")
+def movielens_path() -> Path:
+    """The ml-100k folder: ``$TOWERSTREAM_ML100K``, else ``<repo>/../shared/data/ml-100k``.
+
+    Skips when the data is not there, unless ``TOWERSTREAM_REQUIRE_DATA=1``: then it fails.
+    The shared copy's ``u.data`` is damaged (every ``1`` character lost): load it with
+    ``on_bad_line="skip"`` where the surviving lines are good enough.
+    """
+    path = Path(os.environ.get("TOWERSTREAM_ML100K") or _DEFAULT_ML100K)
+    if not (path / "u.data").is_file():
+        message = (f"MovieLens ml-100k not found at {path} (no u.data); "
+                   "set TOWERSTREAM_ML100K to the unzipped ml-100k folder")
+        if os.environ.get("TOWERSTREAM_REQUIRE_DATA") == "1":
+            pytest.fail(f"data required (TOWERSTREAM_REQUIRE_DATA=1): {message}", pytrace=False)
+        pytest.skip(message)
+    return path
 
 
 def _docker_answers() -> bool:

@@ -1,9 +1,16 @@
-"""MovieLens replay: format detection, strict parsing, event order and content."""
+"""MovieLens replay: format detection, strict parsing, skipping bad lines, event order and content.
+
+The shared ml-100k copy (``movielens_path``) is damaged: every ``1`` character was lost
+from ``u.data``. The tests on it check that strict loading refuses it and that
+``on_bad_line="skip"`` keeps exactly the lines an independent check here accepts.
+"""
 
 from __future__ import annotations
 
-import csv
+import argparse
 import io
+import logging
+import random
 import zipfile
 from collections import Counter
 from pathlib import Path
@@ -13,7 +20,9 @@ import pytest
 
 from streams.errors import ConfigError
 from streams.events import decode_event, encode_event
+from streams import _produce_cli
 from streams.replay import (
+    SkippedLine,
     detect_movielens_format,
     download_movielens,
     iter_movielens_events,
@@ -198,20 +207,242 @@ def test_download_refuses_entries_outside_the_folder(tmp_path):
     assert not (tmp_path / "evil.txt").exists()
 
 
+# ------------------------------------------------------------ on_bad_line="skip"
+
+
+@pytest.mark.parametrize("ratings, reason, lineno", [
+    ("1\t1\t5\t300\n2\t2\t\t100\n", "empty_rating", 2),
+    ("1\t1\t5\t300\n\t2\t3\t100\n", "empty_user_id", 2),
+    ("1\t1\t5\t300\n2\t2\t3\n", "wrong_field_count", 2),
+    ("1\t1\t5\t300\n\n2\t2\t3\t100\n\n", "wrong_field_count", 2),
+    ("1\t1\t7\t300\n2\t2\t3\t100\n", "rating_out_of_range", 1),
+    ("1\t1\t0\t300\n2\t2\t3\t100\n", "rating_out_of_range", 1),
+    ("1\t1\t3.5\t300\n2\t2\t3\t100\n", "non_integer_rating", 1),
+    ("1\t1\t5\t3e2\n2\t2\t3\t100\n", "non_integer_timestamp", 1),
+    ("1\t1\t5\t300\n2\t\u00b2\t3\t100\n", "non_integer_item_id", 2),  # '²'.isdigit() is True
+    ("1\t1\t5\t300\n9\t1\t5\t300\n", "unknown_user_id", 2),
+    ("1\t1\t5\t300\n0\t1\t5\t300\n", "unknown_user_id", 2),
+    ("1\t1\t5\t300\n1\t99\t5\t300\n", "unknown_item_id", 2),
+])
+def test_skip_mode_leaves_out_the_bad_line_and_says_why(tmp_path, caplog, ratings, reason, lineno):
+    path = write_ml100k(tmp_path / "ml", ratings=ratings)
+    with pytest.raises(ConfigError, match=rf"u\.data line {lineno}: "):
+        load_movielens(path)  # strict by default
+    with caplog.at_level(logging.WARNING, logger="streams.replay"):
+        ml = load_movielens(path, on_bad_line="skip")
+    assert dict(ml.skipped) == {reason: 1}
+    raw = ratings.split("\n")[lineno - 1]
+    assert ml.skipped_examples == (SkippedLine(path / "u.data", lineno, raw, reason),)
+    assert len(ml) == len(ratings.rstrip("\n").split("\n")) - 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("skipped 1 " in m and reason in m and "u.data" in m for m in warnings), warnings
+
+
+def test_skip_mode_counts_every_reason_and_keeps_the_rest(tmp_path):
+    good = ["1\t1\t5\t300", "2\t2\t3\t100", "3\t1\t4\t200"]
+    bad = {"empty_rating": ["2\t3\t\t150", "3\t2\t\t160", "1\t2\t\t170", "1\t3\t\t180"],
+           "unknown_user_id": ["0\t1\t4\t150"], "unknown_item_id": ["1\t0\t4\t150"],
+           "wrong_field_count": ["1\t1\t5"]}
+    lines = [good[0], *bad["empty_rating"], good[1], bad["unknown_user_id"][0], bad["unknown_item_id"][0],
+             bad["wrong_field_count"][0], good[2]]
+    path = write_ml100k(tmp_path / "ml", ratings="\n".join(lines) + "\n")
+    ml = load_movielens(path, on_bad_line="skip")
+    assert dict(ml.skipped) == {k: len(v) for k, v in bad.items()}
+    assert ml.n_skipped == 7 and len(ml) == 3
+    np.testing.assert_array_equal(ml.user_ids, [1, 2, 3])
+    np.testing.assert_array_equal(ml.ratings, [5, 3, 4])
+    np.testing.assert_array_equal(ml.line_numbers, [1, 6, 10])
+    # A few examples per reason (three), in file order.
+    assert [(e.line, e.reason) for e in ml.skipped_examples] == [
+        (2, "empty_rating"), (3, "empty_rating"), (4, "empty_rating"), (7, "unknown_user_id"),
+        (8, "unknown_item_id"), (9, "wrong_field_count")]
+    assert all(e.text == lines[e.line - 1] for e in ml.skipped_examples)
+    # Event ids name the line of the ratings file, whatever was skipped before it.
+    events = list(iter_movielens_events(path, on_bad_line="skip"))
+    assert [e.event_id for e in events if e.kind == "impression"] == ["ml100k-5", "ml100k-9", "ml100k-0"]
+    with pytest.raises(ConfigError, match="line 2: rating ''"):
+        iter_movielens_events(path)
+
+
+def test_skip_mode_with_nothing_left_is_an_error(tmp_path):
+    path = write_ml100k(tmp_path / "ml", ratings="1\t1\t\t300\n2\t2\t\t100\n")
+    with pytest.raises(ConfigError, match="no usable rating line"):
+        load_movielens(path, on_bad_line="skip")
+
+
+def test_on_bad_line_must_be_raise_or_skip(tmp_path):
+    path = write_ml100k(tmp_path / "ml")
+    with pytest.raises(ConfigError, match="on_bad_line must be 'raise' or 'skip'"):
+        load_movielens(path, on_bad_line="ignore")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="on_bad_line"):
+        iter_movielens_events(path, on_bad_line="warn")  # type: ignore[arg-type]
+
+
+def test_intact_file_loads_the_same_in_both_modes(tmp_path, caplog):
+    path = write_ml100k(tmp_path / "ml")
+    with caplog.at_level(logging.WARNING, logger="streams.replay"):
+        strict, lenient = load_movielens(path), load_movielens(path, on_bad_line="skip")
+    assert not caplog.records
+    assert dict(lenient.skipped) == {} and lenient.skipped_examples == () and dict(strict.skipped) == {}
+    for name in ("user_ids", "item_ids", "ratings", "timestamps"):
+        np.testing.assert_array_equal(getattr(strict, name), getattr(lenient, name))
+    assert list(iter_movielens_events(strict)) == list(iter_movielens_events(lenient))
+
+
+def test_u_info_count_mismatch_is_a_warning_in_skip_mode(tmp_path, caplog):
+    ratings = "1\t1\t5\t300\n2\t2\t\t100\n1\t3\t4\t200\n"
+    path = write_ml100k(tmp_path / "ml", ratings=ratings)
+    (path / "u.info").write_text("3 users\n3 items\n3 ratings\n")  # the line count: the skip explains it
+    with caplog.at_level(logging.WARNING, logger="streams.replay"):
+        ml = load_movielens(path, on_bad_line="skip")
+    assert len(ml) == 2 and not any("declares" in r.getMessage() for r in caplog.records)
+    (path / "u.info").write_text("3 users\n3 items\n5 ratings\n")  # truncated: two lines are missing
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="streams.replay"):
+        ml = load_movielens(path, on_bad_line="skip")
+    assert len(ml) == 2
+    assert any("declares 5 ratings" in r.getMessage() and "holds 3 rating lines" in r.getMessage()
+               for r in caplog.records if r.levelno == logging.WARNING)
+
+
+def _synthetic_ratings(n: int = 2000, seed: int = 7) -> str:
+    """``n`` plausible ml-100k rating lines over users and items 1..3 (all ten digits occur)."""
+    rng = random.Random(seed)
+    return "".join(f"{rng.randint(1, 3)}\t{rng.randint(1, 3)}\t{rng.randint(1, 5)}\t"
+                   f"{rng.randint(874724710, 893286638)}\n" for _ in range(n))
+
+
+def _digit_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.levelno == logging.WARNING and "digit frequency check" in r.getMessage()]
+
+
+def test_digit_frequency_check_is_quiet_on_intact_files(tmp_path, caplog):
+    big = write_ml100k(tmp_path / "big", ratings=_synthetic_ratings())
+    small = write_ml100k(tmp_path / "small")  # digits 6..9 never occur, but 6 lines say nothing
+    with caplog.at_level(logging.WARNING, logger="streams.replay"):
+        assert len(load_movielens(big, on_bad_line="skip")) == 2000
+        assert len(load_movielens(small, on_bad_line="skip")) == 6
+        load_movielens(big)
+    assert _digit_warnings(caplog) == []
+
+
+def test_digit_frequency_check_flags_a_digit_lost_throughout(tmp_path, caplog):
+    # Drop every '7': ids and ratings here have no 7, so only timestamps change and every
+    # line still parses -- exactly the damage no per-line check can see.
+    path = write_ml100k(tmp_path / "ml", ratings=_synthetic_ratings().replace("7", ""))
+    with caplog.at_level(logging.WARNING, logger="streams.replay"):
+        ml = load_movielens(path, on_bad_line="skip")
+    assert dict(ml.skipped) == {} and len(ml) == 2000
+    (message,) = _digit_warnings(caplog)
+    assert "digit '7' never occurs" in message and "u.data" in message and "corrupted" in message
+
+
+# ----------------------------------------------------------------- the CLI flag
+
+
+def _parse_cli(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="towerstream")
+    _produce_cli.register(parser.add_subparsers(dest="command"))
+    return parser.parse_args(argv)
+
+
+def test_cli_on_bad_line_flag(tmp_path, monkeypatch, capsys):
+    path = write_ml100k(tmp_path / "ml", ratings="1\t1\t5\t300\n2\t2\t\t100\n0\t1\t4\t200\n1\t3\t4\t200\n")
+    assert _parse_cli(["produce", "replay", "--path", str(path)]).on_bad_line == "raise"
+    with pytest.raises(SystemExit):
+        _parse_cli(["produce", "replay", "--path", str(path), "--on-bad-line", "ignore"])
+    capsys.readouterr()
+    sent: list = []
+    monkeypatch.setattr(_produce_cli, "_run", lambda args, events: sent.extend(events) or 0)
+    with pytest.raises(ConfigError, match=r"u\.data line 2: .*--on-bad-line skip"):
+        _produce_cli._replay(_parse_cli(["produce", "replay", "--path", str(path)]))
+    assert sent == []
+    args = _parse_cli(["produce", "replay", "--path", str(path), "--on-bad-line", "skip"])
+    assert args.func(args) == 0
+    assert Counter(e.kind for e in sent) == {"impression": 2, "click": 2}
+    out = capsys.readouterr().out
+    assert "skipped 2 bad lines of u.data" in out
+    assert "  empty_rating: 1" in out and "  unknown_user_id: 1" in out
+
+
 # ----------------------------------------------------------------- the real ml-100k
 
 
-def test_real_ml100k_replay(movielens_path):
-    events = list(iter_movielens_events(movielens_path))  # a damaged file fails here, saying where
-    with open(movielens_path / "u.data", newline="", encoding="latin-1") as f:
-        raw = list(csv.reader(f, delimiter="\t"))
-    positives = sum(1 for row in raw if int(row[2]) >= 4)
+def _independent_check(folder: Path) -> tuple[int, list[tuple[str, str, int, float]], int]:
+    """(lines, accepted (user, item, rating, time) rows, first rejected line) of ``u.data``.
+
+    Written from the MovieLens README, not from :mod:`streams.replay`: a line is good
+    when it has 4 tab-separated non-empty integer fields, a rating in 1..5 and user and
+    item ids that the first column of ``u.user`` / ``u.item`` lists.
+    """
+    def ids(name: str) -> set[str]:
+        with open(folder / name, encoding="latin-1") as f:
+            return {line.split("|", 1)[0] for line in f if line.strip()}
+
+    users, items = ids("u.user"), ids("u.item")
+    with open(folder / "u.data", encoding="latin-1") as f:
+        lines = f.read().split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    good, first_bad = [], 0
+    for n, line in enumerate(lines, 1):
+        fields = line.split("\t")
+        ok = (len(fields) == 4 and all(x != "" and all(c in "0123456789" for c in x) for x in fields)
+              and 1 <= int(fields[2]) <= 5 and str(int(fields[0])) in users and str(int(fields[1])) in items)
+        if ok:
+            good.append((str(int(fields[0])), str(int(fields[1])), int(fields[2]), float(fields[3])))
+        elif not first_bad:
+            first_bad = n
+    return len(lines), good, first_bad
+
+
+def test_real_ml100k_strict_mode_refuses_the_damaged_file(movielens_path):
+    _, _, first_bad = _independent_check(movielens_path)
+    if not first_bad:
+        pytest.skip(f"{movielens_path / 'u.data'} passes every line check: it is not the damaged copy")
+    with pytest.raises(ConfigError) as err:
+        iter_movielens_events(movielens_path)
+    assert f"u.data line {first_bad}: " in str(err.value)
+    with pytest.raises(ConfigError, match=rf"u\.data line {first_bad}: "):
+        load_movielens(movielens_path, on_bad_line="raise")
+
+
+def test_real_ml100k_replay_skip_mode(movielens_path, caplog):
+    n_lines, good, first_bad = _independent_check(movielens_path)
+    with caplog.at_level(logging.WARNING, logger="streams.replay"):
+        ml = load_movielens(movielens_path, on_bad_line="skip")
+    assert len(ml) == len(good)
+    assert ml.n_skipped == n_lines - len(good)
+    events = list(iter_movielens_events(ml))
+    impressions = [e for e in events if e.kind == "impression"]
     kinds = Counter(e.kind for e in events)
-    assert kinds["impression"] == len(raw) == 100_000
-    assert kinds["click"] == positives
-    assert set(kinds) == {"impression", "click"}
+    assert set(kinds) <= {"impression", "click"}
+    assert kinds["impression"] == len(good)
+    assert kinds["click"] == sum(1 for _, _, rating, _ in good if rating >= 4)
+    # The very rows the independent check accepts, clicks exactly on the ratings >= 4.
+    assert Counter((e.user_id, e.item_id, e.label, e.event_time) for e in impressions) == Counter(
+        (u, i, int(r >= 4), t) for u, i, r, t in good)
     times = [e.event_time for e in events]
     assert all(a <= b for a, b in zip(times, times[1:]))
     assert len({e.event_id for e in events}) == len(events)
     for e in events:
         assert decode_event(encode_event(e)) == e
+    if first_bad:  # the damaged copy: every skipped line is reported and explained
+        assert ml.skipped_examples and ml.skipped_examples[0].line == first_bad
+        assert any(f"skipped {ml.n_skipped:,} of the {n_lines:,} lines" in r.getMessage()
+                   for r in caplog.records if r.levelno == logging.WARNING)
+
+
+def test_real_ml100k_digit_frequency_warning(movielens_path, caplog):
+    text = (movielens_path / "u.data").read_text(encoding="latin-1")
+    missing = [d for d in "0123456789" if d not in text]
+    with caplog.at_level(logging.WARNING, logger="streams.replay"):
+        load_movielens(movielens_path, on_bad_line="skip")
+    warnings = _digit_warnings(caplog)
+    if not missing:
+        assert warnings == []
+        return
+    assert missing == ["1"], "the shared copy lost its '1' characters"
+    (message,) = warnings
+    assert "digit '1' never occurs" in message and "u.data" in message
