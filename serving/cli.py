@@ -21,6 +21,7 @@ __all__ = ["main", "build_parser"]
 _COMMAND_MODULES: tuple[str, ...] = (
     "streams._broker_cli",
     "streams._produce_cli",
+    "learners._learn_cli",
     "learners._train_cli",
     "indexer._index_cli",
     "serving._serve_cli",
