@@ -37,13 +37,13 @@ class MLP(nn.Module):
     def forward_layers(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         inputs = [x]
         for layer in self.hidden:
-            x = F.relu(layer(x))
+            x = F.relu(layer(x), inplace=True)
             inputs.append(x)
         return self.out(x), inputs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.hidden:
-            x = F.relu(layer(x))
+            x = F.relu(layer(x), inplace=True)
         return self.out(x)
 
 

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from itertools import chain
+from itertools import chain, repeat
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -289,10 +289,12 @@ class TowerIndex:
 
 @dataclass(frozen=True)
 class EncodedBatch:
-    """A batch of examples as rows: ``rows`` (U,) unique store rows shared by both towers;
-    ``user_keys`` / ``item_keys`` the ids of each side (``None`` where absent)."""
+    """A batch of examples as rows. With ``unique`` encoding (learning), ``rows`` (U,) are
+    the unique store rows of both towers and each tower's ``inverse`` indexes them; without
+    (inference), ``rows`` is ``None`` and ``inverse`` holds store rows directly.
+    ``user_keys`` / ``item_keys``: the ids of each side (``None`` where absent)."""
 
-    rows: torch.Tensor
+    rows: torch.Tensor | None
     user: TowerIndex | None
     item: TowerIndex | None
     user_keys: list[Any]
@@ -300,16 +302,19 @@ class EncodedBatch:
 
 
 _EMPTY: tuple[int, ...] = ()
+_NO_ROW = -1
 
 
 class FeatureEncoder:
     """Turns examples into :class:`EncodedBatch` es over one :class:`EmbeddingStore`.
 
-    The hot path is per field, not per example: the column of values is pulled out with
-    one comprehension and mapped through a per-field *bag cache* (value -> tuple of rows,
-    ``None`` -> empty) with ``map`` - C loops, no per-value Python branching. Values not in
-    the cache (new keys, tuples not seen in that combination, unknown keys at prediction
-    time) take the slow path once. The caches are dropped whenever the store frees rows.
+    The hot path is per field, not per example, and its loops run in C: the column of
+    values is pulled out with ``map(dict.get, ...)``, then mapped through a per-field
+    *row cache* (value -> row, ``None`` -> -1) straight into a numpy array. A column
+    holding something the row cache does not know - a new key, a multi-valued tuple, an
+    unknown key at prediction time - takes the general path: a per-field *bag cache*
+    (value -> tuple of rows) and, for values in neither cache, the id table (the slow
+    path, once per new value). Both caches are dropped whenever the store frees rows.
     """
 
     def __init__(self, store: EmbeddingStore, user_fields: Sequence[str], item_fields: Sequence[str]) -> None:
@@ -318,22 +323,18 @@ class FeatureEncoder:
         self.store = store
         self.user_fields = tuple(user_fields)
         self.item_fields = tuple(item_fields)
-        self._caches: dict[str, dict[Any, tuple[int, ...]]] = {}
+        self._bags: dict[str, dict[Any, tuple[int, ...]]] = {}
+        self._rows: dict[str, dict[Any, int]] = {}
         self._cache_release = store.releases
 
-    def _cache(self, field: str) -> dict[Any, tuple[int, ...]]:
-        c = self._caches.get(field)
-        if c is None:
-            c = self._caches[field] = {None: _EMPTY}
-        return c
-
-    def _resolve(self, field: str, value: Any, insert: bool, cache: dict[Any, tuple[int, ...]]) -> tuple[int, ...]:
+    def _resolve(self, field: str, value: Any, insert: bool) -> tuple[int, ...]:
+        """The bag of ``value`` from the id table (allocating when ``insert``); cached when complete."""
         store = self.store
         table = store.table(field)
-        values = value if isinstance(value, (tuple, list)) else (value,)
+        multi = isinstance(value, (tuple, list))
         rows = []
         complete = True
-        for v in values:
+        for v in value if multi else (value,):
             k = feature_key(v)
             r = table.get(k)
             if r is None:
@@ -345,62 +346,94 @@ class FeatureEncoder:
         bag = tuple(rows)
         if complete:
             try:
-                cache[value] = bag
+                self._bags[field][value] = bag
+                if not multi:
+                    self._rows[field][value] = bag[0]
             except TypeError:  # an unhashable value (a list): not cached
                 pass
         return bag
 
-    def _side(self, xs: Sequence[Mapping[str, Any]], fields: tuple[str, ...], insert: bool,
-              bags: list[tuple[int, ...]]) -> list[Any]:
+    def _column(self, xs: Sequence[Mapping[str, Any]], field: str, insert: bool) -> tuple[list[Any], np.ndarray, np.ndarray]:
+        """(values, flat rows, bag lengths) of one field over ``xs``."""
+        try:
+            col = list(map(dict.get, xs, repeat(field)))
+        except TypeError:  # not plain dicts
+            col = [x.get(field) for x in xs]
+        rcache = self._rows.get(field)
+        if rcache is None:
+            rcache = self._rows[field] = {None: _NO_ROW}
+            self._bags[field] = {None: _EMPTY}
+        try:
+            rows = np.fromiter(map(rcache.__getitem__, col), dtype=np.int64, count=len(col))
+        except (KeyError, TypeError):
+            pass
+        else:
+            present = rows >= 0
+            if present.all():
+                return col, rows, np.ones(len(col), dtype=np.int64)
+            return col, rows[present], present.astype(np.int64)
+        bcache = self._bags[field]
+        try:
+            bags = list(map(bcache.__getitem__, col))
+        except (KeyError, TypeError):
+            bags = []
+            for v in col:
+                b = bcache.get(v) if v.__hash__ is not None else None
+                bags.append(b if b is not None else self._resolve(field, v, insert))
+        lengths = np.fromiter(map(len, bags), dtype=np.int64, count=len(bags))
+        flat = np.fromiter(chain.from_iterable(bags), dtype=np.int64, count=int(lengths.sum()))
+        return col, flat, lengths
+
+    def _side(self, xs: Sequence[Mapping[str, Any]], fields: tuple[str, ...], insert: bool
+              ) -> tuple[list[Any], np.ndarray, np.ndarray]:
+        """(ids, flat rows, bag lengths) of one tower, field-major."""
         ids: list[Any] = []
+        flats, lengths = [], []
         for f in fields:
-            col = [x.get(f) for x in xs]
+            col, flat, ln = self._column(xs, f, insert)
             if not ids:
                 ids = col
-            cache = self._cache(f)
-            try:
-                got = list(map(cache.__getitem__, col))
-            except (KeyError, TypeError):
-                got = []
-                for v in col:
-                    b = cache.get(v) if v.__hash__ is not None else None
-                    got.append(b if b is not None else self._resolve(f, v, insert, cache))
-            bags.extend(got)
-        return ids
+            flats.append(flat)
+            lengths.append(ln)
+        return ids, np.concatenate(flats), np.concatenate(lengths)
 
     def encode(self, user_xs: Sequence[Mapping[str, Any]] | None, item_xs: Sequence[Mapping[str, Any]] | None,
-               *, insert: bool, step: int = 0) -> EncodedBatch:
+               *, insert: bool, step: int = 0, unique: bool = True) -> EncodedBatch:
         """Rows of the user side of ``user_xs`` and the item side of ``item_xs`` (either may
         be ``None``). ``insert`` allocates rows for unknown keys (learning); otherwise
-        unknown keys are left out of their bags (prediction never grows the tables)."""
+        unknown keys are left out of their bags (prediction never grows the tables).
+        ``unique=False`` skips de-duplication (inference reads the store directly)."""
+        empty = np.zeros(0, dtype=np.int64)
         while True:
             if self._cache_release != self.store.releases:
-                self._caches.clear()
+                self._bags.clear()
+                self._rows.clear()
                 self._cache_release = self.store.releases
-            ubags: list[tuple[int, ...]] = []
-            ibags: list[tuple[int, ...]] = []
-            user_keys = self._side(user_xs, self.user_fields, insert, ubags) if user_xs is not None else []
-            item_keys = self._side(item_xs, self.item_fields, insert, ibags) if item_xs is not None else []
+            user_keys, uflat, ulen = self._side(user_xs, self.user_fields, insert) if user_xs is not None else ([], empty, empty)
+            item_keys, iflat, ilen = self._side(item_xs, self.item_fields, insert) if item_xs is not None else ([], empty, empty)
             if self._cache_release == self.store.releases:
                 break  # no row was freed while encoding: every row above is current
         self.store.init_pending(step)
-        n_user = sum(map(len, ubags))
-        all_rows = np.fromiter(chain.from_iterable(ubags + ibags), dtype=np.int64, count=n_user + sum(map(len, ibags)))
-        uniq, inverse = np.unique(all_rows, return_inverse=True)
-        if insert:
-            self.store.touch(uniq, step)
-        inv = torch.from_numpy(inverse.astype(np.int64, copy=False))
+        all_rows = np.concatenate([uflat, iflat])
+        if unique:
+            uniq, inverse = np.unique(all_rows, return_inverse=True)
+            if insert:
+                self.store.touch(uniq, step)
+            rows = torch.from_numpy(uniq)
+            inv = torch.from_numpy(inverse.reshape(-1).astype(np.int64, copy=False))
+        else:
+            rows, inv = None, torch.from_numpy(all_rows)
 
-        def index(bags: list[tuple[int, ...]], lo: int, hi: int, b: int, n_fields: int) -> TowerIndex:
-            ln = np.fromiter(map(len, bags), dtype=np.int64, count=len(bags))
-            offsets = np.zeros(len(ln), dtype=np.int64)
-            np.cumsum(ln[:-1], out=offsets[1:])
+        def index(lengths: np.ndarray, lo: int, hi: int, b: int, n_fields: int) -> TowerIndex:
+            offsets = np.zeros(len(lengths), dtype=np.int64)
+            np.cumsum(lengths[:-1], out=offsets[1:])
             return TowerIndex(inv[lo:hi], torch.from_numpy(offsets), b, n_fields)
 
+        n_user = len(uflat)
         return EncodedBatch(
-            rows=torch.from_numpy(uniq),
-            user=index(ubags, 0, n_user, len(user_xs), len(self.user_fields)) if user_xs is not None else None,
-            item=index(ibags, n_user, len(all_rows), len(item_xs), len(self.item_fields)) if item_xs is not None else None,
+            rows=rows,
+            user=index(ulen, 0, n_user, len(user_xs), len(self.user_fields)) if user_xs is not None else None,
+            item=index(ilen, n_user, len(all_rows), len(item_xs), len(self.item_fields)) if item_xs is not None else None,
             user_keys=user_keys,
             item_keys=item_keys,
         )

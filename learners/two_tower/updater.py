@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from itertools import repeat
 from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
@@ -118,7 +119,7 @@ class TwoTowerLearner:
         lightse: bool = False,
         fe: bool = False,
         fe_user_heads: int = 4,
-        fe_item_heads: int = 1,
+        fe_item_heads: int = 4,
         cir: bool = False,
         cir_weight: float = 0.1,
         cir_tau: float = 0.1,
@@ -236,7 +237,8 @@ class TwoTowerLearner:
             calib.append(self.model.position_bias.weight)
         ids = {id(p) for p in calib}
         rest = [p for p in self.model.parameters() if id(p) not in ids]
-        self.optimizer = torch.optim.Adam([{"params": rest}, {"params": calib, "lr": self.lr_bias}], lr=self.lr_dense)
+        self.optimizer = torch.optim.Adam([{"params": rest}, {"params": calib, "lr": self.lr_bias}], lr=self.lr_dense,
+                                          fused=True)
 
     def _ensure_built(self, xs: Sequence[X]) -> None:
         if self.model is None:
@@ -270,8 +272,8 @@ class TwoTowerLearner:
     def _forward(self, xs: Sequence[X], insert: bool, extra_items: Sequence[X] = ()):
         """Both towers over ``xs`` (items: ``xs`` then ``extra_items``, the random negatives)."""
         items = list(xs) + list(extra_items) if extra_items else xs
-        enc = self.encoder.encode(xs, items, insert=insert, step=self.step)
-        emb = self.store.gather(enc.rows, requires_grad=insert)
+        enc = self.encoder.encode(xs, items, insert=insert, step=self.step, unique=insert)
+        emb = self.store.gather(enc.rows, requires_grad=True) if insert else self.store.weight
         aug_parts = []
         ua = ia = None
         if self.dat:
@@ -283,8 +285,15 @@ class TwoTowerLearner:
 
     @staticmethod
     def _positions(xs: Sequence[X]) -> torch.Tensor:
-        col = [x.get(_POSITION) for x in xs]
-        return torch.tensor([p if type(p) is int and p >= 0 else -1 for p in col], dtype=torch.long)
+        try:
+            col = list(map(dict.get, xs, repeat(_POSITION)))
+        except TypeError:  # not plain dicts
+            col = [x.get(_POSITION) for x in xs]
+        try:
+            pos = np.array(col, dtype=np.int64)  # fast path: every example has an integer position
+        except (TypeError, ValueError):
+            pos = np.array([p if type(p) is int else -1 for p in col], dtype=np.int64)
+        return torch.from_numpy(np.maximum(pos, -1))
 
     # ------------------------------------------------------------------ protocol
     def predict_proba_many(self, xs: Sequence[X]) -> np.ndarray:
@@ -397,8 +406,8 @@ class TwoTowerLearner:
     def _tower(self, xs: Sequence[X], side: Literal["user", "item"]) -> TowerOutput:
         self._ensure_built(xs)
         enc = self.encoder.encode(xs if side == "user" else None, xs if side == "item" else None,
-                                  insert=False, step=self.step)
-        emb = self.store.gather(enc.rows, requires_grad=False)
+                                  insert=False, step=self.step, unique=False)
+        emb = self.store.weight
         if side == "user":
             aug = self._aug(enc.user_keys, "a_u", False)[0] if self.dat else None
             return self.model.user_tower(enc.user, emb, aug)
