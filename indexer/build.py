@@ -53,6 +53,7 @@ __all__ = [
     "recall_at_k",
     "exact_topk",
     "quantisation_error",
+    "ivf_recall_curve",
 ]
 
 log = logging.getLogger(__name__)
@@ -113,7 +114,7 @@ class BuildConfig:
     hnsw_ef_construction: int = 80
     recall_k: int = 100
     recall_target: float = 0.95
-    probe_queries: int = 500
+    probe_queries: int = 200
     retrain_every: int = 10
     growth_retrain: float = 2.0
     drift_threshold: float = 0.25
@@ -279,7 +280,7 @@ def _train(kind: str, vectors: np.ndarray, nlist: int, config: BuildConfig) -> T
     rng = np.random.default_rng(config.seed)
     size = nlist * config.train_points_per_list
     if kind == "ivf_pq":
-        size = max(size, 64 * 2**config.pq_nbits)  # enough points for the PQ codebooks
+        size = max(size, 32 * 2**config.pq_nbits)  # enough points for the PQ codebooks
     size = min(n, size)
     sample = vectors[np.sort(rng.choice(n, size=size, replace=False))] if size < n else vectors
     kmeans = faiss.Kmeans(
@@ -296,6 +297,8 @@ def _train(kind: str, vectors: np.ndarray, nlist: int, config: BuildConfig) -> T
         if d % config.pq_m:
             raise BuildError(f"pq_m={config.pq_m} must divide the vector dimension {d}")
         ivfpq = faiss.IndexIVFPQ(quantizer, d, nlist, config.pq_m, config.pq_nbits, faiss.METRIC_INNER_PRODUCT)
+        ivfpq.pq.cp.niter = config.kmeans_iters
+        ivfpq.pq.cp.min_points_per_centroid = 16
         # The coarse quantizer is already trained: only the PQ codebooks learn here.
         ivfpq.train(sample)
         index = faiss.IndexRefineFlat(ivfpq) if config.pq_refine > 0 else ivfpq
@@ -338,10 +341,40 @@ def _retrain_reason(
     return None, drift
 
 
+def ivf_recall_curve(index: faiss.Index, vectors: np.ndarray, queries: np.ndarray, truth: np.ndarray,
+                     upper: int) -> np.ndarray:
+    """Recall@K of an IVF index for every nprobe in 1..upper, from one coarse search.
+
+    A true neighbour is scanned at ``nprobe = p`` iff the list it was added to (its
+    nearest centroid) is among the query's ``p`` nearest centroids; once scanned, an
+    exact (IVF-Flat) neighbour of the whole catalogue is also a top-K of the scanned
+    subset. So ``recall(p)`` = the share of true neighbours whose list ranks below p.
+    Exact for IVF-Flat (up to score ties); an upper bound for IVF-PQ.
+
+    Returns ``curve`` with ``curve[p - 1] = recall(p)``, shape (upper,).
+    """
+    ivf = faiss.extract_index_ivf(index)
+    n_q, k = truth.shape
+    _, coarse = ivf.quantizer.search(queries, upper)  # (Q, upper) list ids, nearest first
+    rank = np.full((n_q, ivf.nlist), upper, dtype=np.int64)
+    rows = np.repeat(np.arange(n_q), upper)
+    valid = coarse.ravel() >= 0
+    rank[rows[valid], coarse.ravel()[valid]] = np.tile(np.arange(upper), n_q)[valid]
+    flat_truth = truth.ravel()
+    found = flat_truth >= 0
+    lists = np.full(flat_truth.shape, -1, dtype=np.int64)
+    lists[found] = ivf.quantizer.assign(np.ascontiguousarray(vectors[flat_truth[found]]), 1).ravel()
+    list_rank = np.where(found, rank[np.repeat(np.arange(n_q), k), np.maximum(lists, 0)], upper)
+    counts = np.bincount(list_rank, minlength=upper + 1)[:upper]
+    return np.cumsum(counts) / max(truth.size, 1)
+
+
 def _tune(
-    index: faiss.Index, kind: str, queries: np.ndarray, truth: np.ndarray, k: int, target: float, upper: int
+    index: faiss.Index, kind: str, queries: np.ndarray, truth: np.ndarray, k: int, target: float, upper: int,
+    start: int = 1,
 ) -> tuple[int | None, float]:
-    """Smallest nprobe/efSearch in [1, upper] reaching ``target`` recall (or upper)."""
+    """Smallest nprobe/efSearch in [start, upper] reaching ``target`` recall (or upper),
+    by searching: doubling, then bisection. Recall is measured, not predicted."""
 
     def set_param(value: int) -> None:
         if kind == "hnsw":
@@ -355,7 +388,6 @@ def _tune(
         return recall_at_k(labels, truth)
 
     cache: dict[int, float] = {}
-    start = k if kind == "hnsw" else 1
     lo, value = start - 1, start
     while True:
         value = min(value, upper)
@@ -461,7 +493,13 @@ def build_index(
 
     t = time.perf_counter()
     truth = exact_topk(queries, vectors, k)
-    value, recall = _tune(index, kind, queries, truth, k, config.recall_target, upper)
+    start = k if kind == "hnsw" else 1
+    if kind in _IVF_KINDS:
+        # Predict the smallest nprobe from one coarse search, then confirm it by searching.
+        curve = ivf_recall_curve(index, vectors, queries, truth, upper)
+        reached = np.flatnonzero(curve >= config.recall_target)
+        start = int(reached[0]) + 1 if len(reached) else upper
+    value, recall = _tune(index, kind, queries, truth, k, config.recall_target, upper, start=start)
     seconds["tune"] = time.perf_counter() - t
     params["efSearch" if kind == "hnsw" else "nprobe"] = value
     if recall < config.recall_target:

@@ -59,14 +59,11 @@ class CatalogueSnapshot:
         Item examples (``item_x``) in the same order; what ``encode_items`` takes.
     revision
         Increases whenever an item is added or its features change.
-    first_seen
-        Item id -> the catalogue clock's time when the item was first seen.
     """
 
     ids: tuple[str, ...]
     xs: tuple[dict[str, FeatureValue], ...]
     revision: int
-    first_seen: Mapping[str, float]
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -106,6 +103,7 @@ class Catalogue:
         self.clock = clock
         self._lock = threading.Lock()
         self._features: dict[str, dict[str, FeatureValue]] = {}
+        self._xs: dict[str, dict[str, FeatureValue]] = {}  # item_x, built once per change
         self._first_seen: dict[str, float] = {}
         self._revision = 0
 
@@ -130,6 +128,7 @@ class Catalogue:
             if old == feats:
                 return False
             self._features[item_id] = feats
+            self._xs[item_id] = item_x(item_id, feats)
             self._revision += 1
             if old is None:
                 self._first_seen[item_id] = self.clock()
@@ -185,10 +184,7 @@ class Catalogue:
         return self._first_seen.get(item_id)
 
     def snapshot(self) -> CatalogueSnapshot:
-        """An immutable copy of the catalogue (insertion order)."""
+        """The catalogue now, in insertion order. Cheap (two tuple copies under the lock);
+        the examples are shared, never mutated: an update replaces an item's example."""
         with self._lock:
-            ids = tuple(self._features)
-            xs = tuple(item_x(i, self._features[i]) for i in ids)
-            return CatalogueSnapshot(
-                ids=ids, xs=xs, revision=self._revision, first_seen=dict(self._first_seen)
-            )
+            return CatalogueSnapshot(ids=tuple(self._xs), xs=tuple(self._xs.values()), revision=self._revision)

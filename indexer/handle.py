@@ -6,8 +6,9 @@ manifest travel together and are loaded completely before anyone can see them. A
 reference assignment, and :meth:`IndexHolder.search` reads that reference once, so an
 answer always pairs one index with its own id map and reports that handle's version.
 
-The holder keeps the previous handle alive until the next swap: a query still running
-on it when the swap happens never ends up freeing a large index on the query thread.
+A replaced handle is retired, not dropped: :meth:`IndexHolder.reap` frees it once no
+query references it, releasing the GIL while the memory goes back to the kernel, so
+neither a query thread nor the swapping thread stalls the others on a large free.
 
 >>> import faiss, numpy as np
 >>> def handle(version, ids):
@@ -16,15 +17,19 @@ on it when the swap happens never ends up freeing a large index on the query thr
 >>> holder = IndexHolder(handle(1, ["a", "b"]))
 >>> holder.search(np.array([[0.0, 1.0]], dtype="float32"), k=1).ids.tolist()
 [['b']]
->>> old = holder.swap(handle(2, ["c", "d"]))
+>>> holder.swap(handle(2, ["c", "d"]), reap=False)
+1
 >>> r = holder.search(np.array([[0.0, 1.0]], dtype="float32"), k=1)
 >>> r.version, r.ids.tolist()
 (2, [['d']])
+>>> holder.reap()
+1
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +39,7 @@ import faiss
 import numpy as np
 import orjson
 
+from indexer._release import release_array_memory, release_index_memory
 from indexer.artifacts import IDS_FILE, INDEX_FILE, MANIFEST_FILE, file_digest
 from indexer.build import apply_search_params
 from indexer.errors import ArtifactError, NoIndexError
@@ -157,17 +163,26 @@ def load_handle(path: str | Path, *, verify: bool = True) -> IndexHandle:
 class IndexHolder:
     """Holds the served :class:`IndexHandle`; swapped by one reference assignment.
 
+    Retired handles are kept until no query uses them any more, then :meth:`reap` frees
+    their memory without holding the GIL for long (see :mod:`indexer._release`): a
+    large index must never be freed by a plain ``del`` next to running queries.
+
     Parameters
     ----------
     handle
         The initial handle, or None (searches raise :class:`NoIndexError` until a swap).
     """
 
+    # References to a retired handle inside reap(): the list slot, the loop variable and
+    # getrefcount's argument. More means a query (or a caller) still holds it.
+    _UNREFERENCED = 3
+
     def __init__(self, handle: IndexHandle | None = None) -> None:
         self._handle = handle
-        self._retired: IndexHandle | None = None
+        self._retired: list[IndexHandle] = []
         self._swap_lock = threading.Lock()  # serialises writers only; readers never take it
         self.swaps = 0
+        self.reaped = 0
 
     @property
     def current(self) -> IndexHandle | None:
@@ -180,20 +195,51 @@ class IndexHolder:
         h = self._handle
         return None if h is None else h.version
 
-    def swap(self, handle: IndexHandle) -> IndexHandle | None:
-        """Serve ``handle`` from now on; returns the handle it replaced.
+    @property
+    def retired(self) -> int:
+        """Replaced handles not freed yet."""
+        return len(self._retired)
 
-        The replaced handle stays referenced until the next swap, so the one before it
-        is freed here, on the swapping thread, not on a query thread.
+    def swap(self, handle: IndexHandle, *, reap: bool = True) -> int | None:
+        """Serve ``handle`` from now on; returns the version it replaced (or None).
+
+        Queries never wait: the swap is one reference assignment. The replaced handle is
+        retired, not dropped. With ``reap`` (default) the handles retired earlier that
+        no query holds any more are freed right after the swap, on this thread; the one
+        just replaced usually still has queries in flight and waits for the next
+        :meth:`reap` (the watcher calls it after every poll).
         """
         with self._swap_lock:
             previous = self._handle
             self._handle = handle  # the swap: one reference assignment
-            freed, self._retired = self._retired, previous
+            if previous is not None:
+                self._retired.append(previous)
             self.swaps += 1
-        del freed
-        log.info("index swapped: version %s -> %s", None if previous is None else previous.version, handle.version)
-        return previous
+        old = None if previous is None else previous.version
+        del previous
+        log.info("index swapped: version %s -> %s", old, handle.version)
+        if reap:
+            self.reap()
+        return old
+
+    def reap(self) -> int:
+        """Free the retired handles no one references any more; returns how many.
+
+        Safe at any time: a handle a query still searches keeps a reference and waits
+        for a later call.
+        """
+        with self._swap_lock:
+            free, keep = [], []
+            for h in self._retired:
+                (free if sys.getrefcount(h) <= self._UNREFERENCED else keep).append(h)
+            self._retired = keep
+        for h in free:
+            release_index_memory(h.index)
+            release_array_memory(h.ids)
+        n = len(free)
+        self.reaped += n
+        del free  # the destructors find (almost) nothing left to unmap
+        return n
 
     def search(self, user_vecs: np.ndarray, k: int) -> SearchResult:
         """Search the served handle; the answer reports the version that produced it."""

@@ -174,6 +174,7 @@ class IndexWatcher:
                         log.error("bad record at %s[%d]@%d: %s", record.topic, record.partition, record.offset, exc)
                         continue
                     self.apply(announcement)
+                self.holder.reap()  # free replaced versions once their last query is done
         except TowerstreamError as exc:
             self.errors += 1
             self.last_error = str(exc)

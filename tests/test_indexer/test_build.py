@@ -94,3 +94,17 @@ def test_bad_vectors_are_refused_with_a_clear_error() -> None:
         build_index(v)
     with pytest.raises(BuildError, match="shape"):
         build_index(np.zeros((0, 4), dtype=np.float32))
+
+
+def test_the_predicted_recall_curve_matches_measured_recall(vectors, queries) -> None:
+    from indexer.build import ivf_recall_curve
+
+    r = build_index(vectors, BuildConfig(flat_threshold=1000, recall_k=20, nlist=64), queries=queries)
+    truth = exact_topk(queries, vectors, 20)
+    curve = ivf_recall_curve(r.index, vectors, queries, truth, upper=64)
+    ivf = faiss.extract_index_ivf(r.index)
+    for p in (1, 3, 8, 20):
+        ivf.nprobe = p
+        _, found = r.index.search(queries, 20)
+        assert curve[p - 1] == pytest.approx(recall_at_k(found, truth), abs=0.002)
+    assert curve[-1] == pytest.approx(1.0)

@@ -26,7 +26,7 @@ def test_stream_items_enter_with_latest_features_and_first_seen_time() -> None:
     snap = cat.snapshot()
     assert snap.ids == ("i1", "i2")
     assert snap.xs[0] == {"item_id": "i1", "i:genre": "Comedy"}
-    assert snap.first_seen == {"i1": 100.0, "i2": 105.0}
+    assert (cat.first_seen("i1"), cat.first_seen("i2"), cat.first_seen("nope")) == (100.0, 105.0, None)
 
 
 def test_revision_changes_only_when_contents_change() -> None:

@@ -41,12 +41,19 @@ def test_an_empty_holder_says_what_to_do() -> None:
 
 def test_hot_swap_under_continuous_queries_is_never_torn_and_monotone() -> None:
     # Flat and IVF handles of different sizes alternate, with disjoint, tagged id maps. The
-    # exact answer of every version is known beforehand, so an answer pairing one version's
-    # index with another's ids or version number cannot go unnoticed.
-    handles = [_handle(v, 1000 + 300 * (v % 3)) for v in range(1, 9)]
-    holder = IndexHolder(handles[0])
+    # exact answer of every version is recorded when it is built, so an answer pairing one
+    # version's index with another's ids or version number cannot go unnoticed, nor can an
+    # answer from a handle whose memory was reaped while the query ran (empty lists).
+    # Handles are referenced by the holder only, so reap() really frees them.
     queries = mixture_of_gaussians(4, dim=D, n_clusters=20, seed=99)
-    expected = {h.version: h.search(queries, k=10).ids for h in handles}
+    expected: dict[int, np.ndarray] = {}
+
+    def make(v: int) -> IndexHandle:
+        h = _handle(v, 1000 + 300 * (v % 3))
+        expected[v] = h.search(queries, k=10).ids.copy()
+        return h
+
+    holder = IndexHolder(make(1))
     stop = threading.Event()
     stats = {"queries": 0, "torn": 0, "backwards": 0, "errors": [], "versions": []}
 
@@ -69,15 +76,57 @@ def test_hot_swap_under_continuous_queries_is_never_torn_and_monotone() -> None:
 
     t = threading.Thread(target=query_loop)
     t.start()
+    reaped = 0
     try:
-        for h in handles[1:]:
+        for v in range(2, 9):
+            holder.swap(make(v), reap=False)
             seen = stats["queries"]
-            holder.swap(h)
-            while stats["queries"] < seen + 20 and t.is_alive():  # let queries run on each version
+            # Let queries run on each version; reap the retired ones meanwhile.
+            while (stats["versions"][-1:] != [v] or stats["queries"] < seen + 20) and t.is_alive():
+                reaped += holder.reap()
                 stop.wait(0.001)
     finally:
         stop.set()
         t.join(30)
+    reaped += holder.reap()
     assert stats["errors"] == [] and stats["torn"] == 0 and stats["backwards"] == 0
     assert stats["versions"] == list(range(1, 9))  # every version served, in order
     assert holder.swaps == 7 and holder.version == 8
+    assert reaped == 7 and holder.retired == 0
+
+
+def test_reap_spares_a_handle_a_query_still_holds() -> None:
+    holder = IndexHolder(_handle(1, 2000))
+    queries = mixture_of_gaussians(3, dim=D, n_clusters=20, seed=5)
+    in_flight = holder.current  # what IndexHolder.search holds while FAISS runs
+    before = in_flight.search(queries, k=5).ids
+    holder.swap(_handle(2, 2000))
+    assert holder.reap() == 0 and holder.retired == 1
+    assert np.array_equal(in_flight.search(queries, k=5).ids, before)  # memory intact
+    del in_flight
+    assert holder.reap() == 1 and holder.retired == 0
+
+
+@pytest.mark.parametrize("config", [
+    BuildConfig(kind="flat"),
+    BuildConfig(kind="ivf_flat", nlist=32),
+    BuildConfig(kind="ivf_pq", nlist=32, pq_m=8, pq_nbits=6),
+    BuildConfig(kind="hnsw", hnsw_m=8),
+], ids=lambda c: c.kind)
+def test_released_indexes_free_their_vectors_and_die_cleanly(config) -> None:
+    from indexer._release import release_index_memory
+
+    vecs = mixture_of_gaussians(6000, dim=64, n_clusters=20, seed=1)  # 1.5 MB of vectors
+    built = build_index(vecs, BuildConfig(**{**config.__dict__, "recall_k": 5, "probe_queries": 20}))
+    index = built.index
+    dropped = release_index_memory(index)
+    ivf = None
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:
+        pass
+    if ivf is not None:
+        assert sum(ivf.invlists.list_size(i) for i in range(ivf.nlist)) == 0
+    if config.kind in ("flat", "hnsw", "ivf_pq"):  # flat codes (ivf_pq: its refine store)
+        assert dropped >= vecs.nbytes // 2
+    del index, built  # the destructor must cope with what is left
