@@ -451,7 +451,12 @@ class StreamLearnerRuntime:
             self._lag_measured = True
             return
         try:
-            ends = ec.consumer.end_offsets(assigned)
+            # High watermarks from the fetches already made: no broker round trip on the
+            # learning loop. A partition not fetched yet is asked for once, directly.
+            ends = ec.consumer.end_offsets(assigned, cached=True)
+            missing = [tp for tp in assigned if tp not in ends]
+            if missing:
+                ends.update(ec.consumer.end_offsets(missing))
         except Exception as exc:  # lag is best effort; never stop learning for it
             log.debug("could not measure lag: %r", exc)
             return

@@ -197,7 +197,8 @@ class Consumer(Protocol):
 
     def commit(self, offsets: Mapping[TopicPartition, int]) -> None: ...
 
-    def end_offsets(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]: ...
+    def end_offsets(self, partitions: Iterable[TopicPartition], *,
+                    cached: bool = False) -> dict[TopicPartition, int]: ...
 
     def partitions_for(self, topic: str) -> list[int]: ...
 
@@ -440,7 +441,11 @@ class _KPConsumer:
                 "after poll() returns (commit and seek are fine inside a callback)"
             )
 
-    def end_offsets(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+    def end_offsets(self, partitions: Iterable[TopicPartition], *,
+                    cached: bool = False) -> dict[TopicPartition, int]:
+        if cached:  # the high watermark of the last fetch response: no round trip
+            known = {tp: self._c.highwater(self._ktp(tp)) for tp in partitions}
+            return {tp: off for tp, off in known.items() if off is not None}
         self._not_in_listener("end_offsets")
         ends = self._c.end_offsets([self._ktp(tp) for tp in partitions])
         return {TopicPartition(tp.topic, tp.partition): off for tp, off in ends.items()}
@@ -601,11 +606,14 @@ class _CKConsumer:
         for p in result or ():
             _raise_for(p.error, f"commit of {p.topic}[{p.partition}]@{p.offset} failed")
 
-    def end_offsets(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+    def end_offsets(self, partitions: Iterable[TopicPartition], *,
+                    cached: bool = False) -> dict[TopicPartition, int]:
         out = {}
         for tp in partitions:
-            _low, high = self._c.get_watermark_offsets(self._ctp(tp), timeout=10, cached=False)
-            out[tp] = high
+            # cached: the high watermark librdkafka learnt from its last fetch (no round trip)
+            _low, high = self._c.get_watermark_offsets(self._ctp(tp), timeout=10, cached=cached)
+            if high >= 0:
+                out[tp] = high
         return out
 
     def partitions_for(self, topic: str) -> list[int]:
@@ -666,9 +674,11 @@ def make_consumer(
 def ensure_topics(settings: KafkaSettings, topics: Mapping[str, int], *, replication_factor: int = 1,
                   timeout_s: float = 30.0) -> None:
     """Create the topics that do not exist yet (``{name: partitions}``) and wait until
-    every one of them has its partitions. Existing topics are left as they are."""
+    the new ones show all their partitions. Existing topics are left as they are (a
+    warning is logged when one has fewer partitions than asked for)."""
     if not topics:
         return
+    created: set[str] = set()
     if settings.client == "confluent":
         ck = _confluent_module()
         from confluent_kafka.admin import AdminClient, NewTopic
@@ -682,6 +692,7 @@ def ensure_topics(settings: KafkaSettings, topics: Mapping[str, int], *, replica
         for name, future in futures.items():
             try:
                 future.result(timeout=timeout_s)
+                created.add(name)
             except ck.KafkaException as exc:
                 if exc.args[0].code() != ck.KafkaError.TOPIC_ALREADY_EXISTS:
                     raise KafkaTransportError(f"could not create topic {name!r}: {exc}") from exc
@@ -695,6 +706,7 @@ def ensure_topics(settings: KafkaSettings, topics: Mapping[str, int], *, replica
             for name, n in topics.items():
                 try:
                     admin.create_topics([NewTopic(name, n, replication_factor)], timeout_ms=int(timeout_s * 1000))
+                    created.add(name)
                 except TopicAlreadyExistsError:
                     pass
                 except Exception as exc:
@@ -706,6 +718,11 @@ def ensure_topics(settings: KafkaSettings, topics: Mapping[str, int], *, replica
     try:
         deadline = time.monotonic() + timeout_s
         for name, n in topics.items():
+            if name not in created:
+                have = len(consumer.partitions_for(name))
+                if have < n:
+                    log.warning("topic %r exists with %d partitions (asked for %d): left as it is", name, have, n)
+                continue
             while len(consumer.partitions_for(name)) < n:
                 if time.monotonic() >= deadline:
                     raise KafkaTransportError(f"topic {name!r} does not show {n} partitions after {timeout_s} s")

@@ -437,3 +437,54 @@ def test_revocation_checkpoints_and_commits_before_giving_partitions_up(
             b.close()
     final = load_checkpoint(ckpt)
     assert final.events_learned == a.stats().events_learned == learner.n_learned
+
+
+# ------------------------------------------------------------------ the `learn` command
+
+
+def _learn(argv: list[str]) -> int:
+    import argparse
+
+    from learners import _learn_cli
+
+    parser = argparse.ArgumentParser()
+    _learn_cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["learn", *argv])
+    return args.func(args)
+
+
+def test_learn_params_parse_json_or_keep_strings() -> None:
+    from learners._learn_cli import _params
+
+    assert _params(["bits=18", "optimizer=ftrl", 'categorical=["ctx:position"]', "alpha=0.5"]) == {
+        "bits": 18, "optimizer": "ftrl", "categorical": ["ctx:position"], "alpha": 0.5}
+    with pytest.raises(ConfigError, match="NAME=VALUE"):
+        _params(["bits"])
+
+
+def test_learn_needs_a_learner_or_a_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="--learner is required"):
+        _learn(["--bootstrap-servers", "localhost:1", "--checkpoint", str(tmp_path / "none.ckpt")])
+    with pytest.raises(ConfigError, match="--batch-size"):
+        _learn(["--learner", "ctr", "--bootstrap-servers", "localhost:1", "--batch-size", "0"])
+
+
+@pytest.mark.kafka
+def test_learn_command_learns_checkpoints_and_resumes(kafka_bootstrap: str, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    events = _sim_events(1000, seed=9)
+    settings, topics = _setup(kafka_bootstrap, 2, events)
+    n_imps = sum(e.kind == "impression" for e in events)
+    ckpt = tmp_path / "cli.ckpt"
+    common = ["--bootstrap-servers", kafka_bootstrap, "--topic-prefix", topics.prefix, "--checkpoint", str(ckpt),
+              "--group", f"g-{topics.prefix}", "--batch-size", "100", "--quiet"]
+    assert _learn([*common, "--learner", "ctr", "--param", "half_life=300", "--max-events", "250"]) == 0
+    first = load_checkpoint(ckpt)
+    assert first.events_learned == 250 and first.spec["params"]["half_life"] == 300.0
+    assert "250 events this run" in capsys.readouterr().out
+
+    # No --learner: the checkpoint's learner and params; the rest of the stream.
+    assert _learn([*common, "--kafka-client", "confluent", "--idle-timeout", "1.5"]) == 0
+    final = load_checkpoint(ckpt)
+    assert final.events_learned == n_imps and final.spec == first.spec
+    assert f"{n_imps - 250:,} events this run" in capsys.readouterr().out

@@ -241,3 +241,13 @@ def test_ensure_topics_is_idempotent(kafka_bootstrap: str) -> None:
         ensure_topics(KafkaSettings(kafka_bootstrap, client), {topic: 3})
     ends = end_offsets(KafkaSettings(kafka_bootstrap), [topic])
     assert ends == {TopicPartition(topic, p): 0 for p in range(3)}
+
+
+@pytest.mark.kafka
+def test_ensure_topics_leaves_an_existing_topic_as_it_is(kafka_bootstrap: str) -> None:
+    topic = f"t.exists.{uuid.uuid4().hex[:8]}"
+    ensure_topics(KafkaSettings(kafka_bootstrap), {topic: 2})
+    for client in CLIENTS:  # asking for more partitions neither fails nor waits for them
+        ensure_topics(KafkaSettings(kafka_bootstrap, client), {topic: 4}, timeout_s=5)
+    assert sorted(end_offsets(KafkaSettings(kafka_bootstrap), [topic])) == [TopicPartition(topic, 0),
+                                                                            TopicPartition(topic, 1)]

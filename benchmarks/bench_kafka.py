@@ -1,0 +1,239 @@
+"""Kafka benchmark: events/s consumed + decoded end to end, per consumer process, and the
+learner runtime's throughput.
+
+Setup: ``--events`` simulator events (JSON, about 300 bytes each, keyed by user) are
+produced once to a topic of ``--partitions`` partitions, on ``--bootstrap`` /
+``KAFKA_BOOTSTRAP_SERVERS`` or on a :class:`streams.broker.LocalBroker` started in a
+temporary directory. Then, for each client (kafka-python, confluent-kafka), medians over
+``--runs`` runs, each with a fresh consumer reading every partition from offset 0; the
+clock starts at the first record and stops at the last:
+
+* ``poll``: records only (:meth:`Consumer.poll`), the transport's ceiling;
+* ``poll + decode``: the real path, :class:`streams.consumer.EventConsumer`:
+  ``decode_event`` validates every record (bad ones would be dead-lettered);
+
+and, as the CPU ceiling of validation in this process, ``decode_event`` alone over the
+same values in memory (no Kafka). Learner runtime: :class:`StreamLearnerRuntime` per
+``--learners`` (a fresh group, checkpoints to a temp dir every 10 s), events learned per
+second from its first record to the ``--runtime-events``-th impression learned, next to
+the same learner's predict + learn on the same examples in memory.
+
+    .venv/bin/python benchmarks/bench_kafka.py
+    .venv/bin/python benchmarks/bench_kafka.py --events 100000 --runs 3 --learners ctr,lr --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from learners.base import event_to_x  # noqa: E402
+from learners.registry import make_learner  # noqa: E402
+from learners.runtime import StreamLearnerRuntime  # noqa: E402
+from streams.consumer import EventConsumer  # noqa: E402
+from streams.deadletter import DeadLetterWriter  # noqa: E402
+from streams.events import decode_event, encode_event  # noqa: E402
+from streams.simulator import ClickSimulator, SimulatorConfig  # noqa: E402
+from streams.topics import Topics, key_for_user  # noqa: E402
+from streams.transport import KafkaSettings, TopicPartition, ensure_topics, make_consumer, make_producer  # noqa: E402
+
+CLIENTS = ("kafka-python", "confluent")
+
+
+def produce(settings: KafkaSettings, topic: str, values: list[tuple[bytes, bytes]], n: int) -> float:
+    producer = make_producer(settings)
+    t0 = time.perf_counter()
+    for i in range(n):
+        value, key = values[i % len(values)]
+        producer.send(topic, value, key=key)
+    producer.flush(120)
+    producer.close()
+    return n / (time.perf_counter() - t0)
+
+
+def consume_rate(settings: KafkaSettings, topic: str, partitions: int, n: int, decode: bool,
+                 batch_size: int) -> float:
+    """Events/s from the first record to the n-th, one consumer reading all partitions."""
+    consumer = make_consumer(settings, None, max_poll_records=batch_size)
+    consumer.assign([TopicPartition(topic, p) for p in range(partitions)])
+    ec = EventConsumer(consumer, DeadLetterWriter(_NoProducer(), "unused", None), batch_size=batch_size)
+    got = 0
+    t0 = None
+    deadline = time.monotonic() + 600
+    try:
+        while got < n and time.monotonic() < deadline:
+            if decode:
+                batch = ec.poll_batch(timeout_s=1.0)
+                k = 0 if batch is None else len(batch.events) + batch.dead_lettered
+            else:
+                k = len(consumer.poll(batch_size, 1.0))
+            if k and t0 is None:
+                t0 = time.perf_counter()
+            got += k
+        if got < n:
+            raise RuntimeError(f"only {got} of {n} records arrived")
+        return got / (time.perf_counter() - t0)
+    finally:
+        consumer.close()
+
+
+class _NoProducer:
+    def send(self, *a: Any, **k: Any) -> None:
+        raise RuntimeError("the benchmark stream holds no bad record")
+
+    def flush(self, timeout: float | None = None) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def decode_ceiling(values: list[bytes], repeat: int = 3) -> float:
+    best = 0.0
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for v in values:
+            decode_event(v)
+        best = max(best, len(values) / (time.perf_counter() - t0))
+    return best
+
+
+class _FirstRecordClock:
+    """Consumer wrapper that notes when the first record arrived."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.first: float | None = None
+
+    def poll(self, max_records: int = 500, timeout_s: float = 1.0) -> list:
+        records = self._inner.poll(max_records, timeout_s)
+        if records and self.first is None:
+            self.first = time.perf_counter()
+        return records
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def runtime_rate(settings: KafkaSettings, topics: Topics, learner_name: str, n_events: int,
+                 batch_size: int, tmp: Path) -> dict[str, Any]:
+    clocks: list[_FirstRecordClock] = []
+
+    def factory(s: KafkaSettings, group: str, n: int) -> Any:
+        clocks.append(_FirstRecordClock(make_consumer(s, group, max_poll_records=n)))
+        return clocks[-1]
+
+    rt = StreamLearnerRuntime(settings, make_learner(learner_name), f"bench-{learner_name}-{uuid.uuid4().hex[:6]}",
+                              topics, tmp / f"{learner_name}.ckpt", checkpoint_every_s=10.0,
+                              batch_size=batch_size, max_events=n_events, consumer_factory=factory)
+    stats = rt.run()
+    elapsed = time.perf_counter() - clocks[0].first
+    return {"events_learned": stats.events_learned_run, "events_per_s": stats.events_learned_run / elapsed,
+            "checkpoints": stats.checkpoints, "auc": stats.metrics.get("auc")}
+
+
+def learner_ceiling(learner_name: str, xs: list[dict], ys: np.ndarray, batch_size: int) -> float:
+    learner = make_learner(learner_name)
+    t0 = time.perf_counter()
+    for i in range(0, len(xs), batch_size):
+        bx, by = xs[i:i + batch_size], ys[i:i + batch_size]
+        learner.predict_proba_many(bx)
+        learner.learn_many(bx, by)
+    return len(xs) / (time.perf_counter() - t0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bootstrap", default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS"),
+                    help="Kafka host:port (default: $KAFKA_BOOTSTRAP_SERVERS, else a LocalBroker)")
+    ap.add_argument("--events", type=int, default=200_000)
+    ap.add_argument("--partitions", type=int, default=4)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=2000, help="records per poll / micro-batch")
+    ap.add_argument("--clients", default=",".join(CLIENTS))
+    ap.add_argument("--learners", default="ctr,lr")
+    ap.add_argument("--runtime-events", type=int, default=50_000, help="impressions per learner runtime run")
+    ap.add_argument("--runtime-client", default="confluent", choices=CLIENTS)
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = ap.parse_args(argv)
+
+    broker = None
+    if not args.bootstrap:
+        from streams.broker import BrokerConfig, LocalBroker
+
+        broker = LocalBroker(BrokerConfig.from_env(port=0, controller_port=0,
+                                                   data_dir=Path(tempfile.mkdtemp(prefix="bench-kafka-"))))
+        args.bootstrap = broker.start()
+    try:
+        return _bench(args)
+    finally:
+        if broker is not None:
+            broker.stop()
+
+
+def _bench(args: argparse.Namespace) -> int:
+    settings = KafkaSettings(args.bootstrap)
+    topics = Topics(prefix=f"bench{uuid.uuid4().hex[:8]}")
+    ensure_topics(settings, {topics.events: args.partitions, topics.dead_letter: 1})
+    sim_events = list(ClickSimulator(SimulatorConfig(seed=1)).events(max_events=min(args.events, 50_000)))
+    values = [(encode_event(e), key_for_user(e.user_id)) for e in sim_events]
+    avg_bytes = sum(len(v) for v, _ in values) / len(values)
+    load = os.getloadavg()
+    print(f"# bench_kafka  {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"load average {load[0]:.2f}  python {platform.python_version()}")
+    print(f"# broker {args.bootstrap}  topic {topics.events}: {args.partitions} partitions, {args.events:,} events "
+          f"of {avg_bytes:.0f} B  runs {args.runs}  batch {args.batch_size}")
+    rate = produce(settings.with_client("confluent"), topics.events, values, args.events)
+    print(f"produce (confluent, acks=all): {rate:,.0f} events/s")
+    results: dict[str, Any] = {"events": args.events, "partitions": args.partitions, "runs": args.runs,
+                               "batch_size": args.batch_size, "avg_bytes": avg_bytes, "load_average": load,
+                               "cpus": os.cpu_count(), "produce_events_per_s": rate, "consume": {}}
+
+    ceiling = decode_ceiling([v for v, _ in values])
+    print(f"decode_event alone, in memory (CPU ceiling of validation): {ceiling:,.0f} events/s")
+    results["decode_event_ceiling_events_per_s"] = ceiling
+
+    for client in [c for c in args.clients.split(",") if c]:
+        s = settings.with_client(client)  # type: ignore[arg-type]
+        row = {}
+        for stage, decode in (("poll", False), ("poll+decode", True)):
+            rates = [consume_rate(s, topics.events, args.partitions, args.events, decode, args.batch_size)
+                     for _ in range(args.runs)]
+            row[stage] = {"median": statistics.median(rates), "runs": rates}
+            print(f"{client:>12}  {stage:<12} median {statistics.median(rates):>10,.0f} events/s   "
+                  f"runs {', '.join(f'{r:,.0f}' for r in rates)}")
+        results["consume"][client] = row
+
+    results["runtime"] = {}
+    imps = [e for e in sim_events if e.kind == "impression"]
+    xs = [event_to_x(e) for e in imps]
+    ys = np.array([e.label for e in imps])
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in [n for n in args.learners.split(",") if n]:
+            r = runtime_rate(settings.with_client(args.runtime_client), topics, name,
+                             args.runtime_events, args.batch_size, Path(tmp))
+            r["learner_in_memory_events_per_s"] = learner_ceiling(name, xs, ys, args.batch_size)
+            results["runtime"][name] = r
+            print(f"runtime {name:<8} ({args.runtime_client}) {r['events_per_s']:>10,.0f} events learned/s "
+                  f"({r['events_learned']:,} impressions, {r['checkpoints']} checkpoints, AUC {r['auc']:.3f}); "
+                  f"predict+learn alone in memory {r['learner_in_memory_events_per_s']:,.0f}/s")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
