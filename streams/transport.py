@@ -174,8 +174,12 @@ class Consumer(Protocol):
     """Polls records of a group (``subscribe``) or of chosen partitions (``assign``).
 
     Auto-commit is always off: the caller commits next offsets after handling.
-    Rebalance callbacks run inside :meth:`poll`, on the caller's thread, so a callback may
-    commit or seek; ``seek`` inside ``on_assigned`` sets where a partition starts.
+    Rebalance callbacks run during :meth:`poll` (and :meth:`close`). Inside one, call
+    only :meth:`commit`, :meth:`seek` and :meth:`assignment`: ``seek`` in ``on_assigned``
+    sets where a partition starts, ``commit`` in ``on_revoked`` completes before the
+    partitions are given up. kafka-python 3 runs callbacks on its IO thread, where other
+    blocking calls (``end_offsets``, ``committed``, ``position``) raise
+    :class:`KafkaTransportError`.
     """
 
     group_id: str | None
@@ -399,7 +403,12 @@ class _KPConsumer:
         return frozenset(TopicPartition(tp.topic, tp.partition) for tp in self._c.assignment())
 
     def poll(self, max_records: int = 500, timeout_s: float = 1.0) -> list[Record]:
-        batches = self._c.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
+        from kafka.errors import KafkaError
+
+        try:
+            batches = self._c.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
+        except KafkaError as exc:  # a rebalance callback's error arrives here too (as the cause)
+            raise KafkaTransportError(f"poll failed: {exc}") from exc
         out: list[Record] = []
         for records in batches.values():
             out.extend(Record(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp) for r in records)
@@ -425,7 +434,8 @@ class _KPConsumer:
 
         if not offsets:
             return
-        request = {self._ktp(tp): OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()}
+        extra = ("", -1)[: len(OffsetAndMetadata._fields) - 1]  # 2.x: (offset, metadata); 3.x: + leader_epoch
+        request = {self._ktp(tp): OffsetAndMetadata(off, *extra) for tp, off in offsets.items()}
         if self._in_listener and _KP_ASYNC_LISTENER is not None:
             self._deferred.append((self._c.commit_async(request), offsets))
             return
@@ -520,6 +530,8 @@ class _CKConsumer:
         }
         config.update(_confluent_options(settings.options))
         self.group_id = group_id
+        self._incremental = ("cooperative" in str(config.get("partition.assignment.strategy", ""))
+                             or config.get("group.protocol") == "consumer")
         try:
             self._c = ck.Consumer(config)
         except ck.KafkaException as exc:
@@ -545,13 +557,17 @@ class _CKConsumer:
             finally:
                 self._in_assign = None
             # A start offset is set by passing it to assign(), not by seek() (librdkafka).
-            consumer.assign([self._ctp(tp, seeks.get(tp, invalid)) for tp in tps])
+            start = [self._ctp(tp, seeks.get(tp, invalid)) for tp in tps]
+            if self._incremental:
+                consumer.incremental_assign(start)
+            else:
+                consumer.assign(start)
 
         def revoked(consumer: Any, partitions: list[Any]) -> None:
+            # confluent-kafka unassigns by itself after this callback (eager or cooperative)
             tps = sorted(TopicPartition(p.topic, p.partition) for p in partitions)
             if on_revoked is not None and tps:
                 on_revoked(tps)
-            consumer.unassign()
 
         self._c.subscribe(list(topics), on_assign=assigned, on_revoke=revoked)
 
@@ -562,7 +578,10 @@ class _CKConsumer:
         return frozenset(TopicPartition(p.topic, p.partition) for p in self._c.assignment())
 
     def poll(self, max_records: int = 500, timeout_s: float = 1.0) -> list[Record]:
-        messages = self._c.consume(num_messages=max_records, timeout=timeout_s)
+        try:
+            messages = self._c.consume(num_messages=max_records, timeout=timeout_s)
+        except self._ck.KafkaException as exc:
+            raise KafkaTransportError(f"poll failed: {exc}") from exc
         out: list[Record] = []
         append = out.append
         for m in messages:

@@ -393,12 +393,15 @@ def _counts(imps: list[Event]) -> dict[str, list[int]]:
 
 
 @pytest.mark.kafka
-@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+@pytest.mark.parametrize("client", ["kafka-python", "confluent", "confluent-cooperative"])
 def test_revocation_checkpoints_and_commits_before_giving_partitions_up(
     kafka_bootstrap: str, tmp_path: Path, client: str
 ) -> None:
     events = _sim_events(1200, seed=6)
-    settings, topics = _setup(kafka_bootstrap, 2, events, client=client)
+    settings, topics = _setup(kafka_bootstrap, 2, events, client=client.removesuffix("-cooperative"))
+    if client == "confluent-cooperative":  # incremental rebalancing: only the moved partition is revoked
+        settings = KafkaSettings(kafka_bootstrap, "confluent",
+                                 {**FAST_GROUP, "partition.assignment.strategy": "cooperative-sticky"})
     group, ckpt = f"g-{topics.prefix}", tmp_path / "a.ckpt"
     learner = _proc._Slow(CountingLearner(), 0.05)  # about 400 records/s: B joins mid-stream
     a = StreamLearnerRuntime(settings, learner, group, topics, ckpt, batch_size=20, checkpoint_every_s=None,

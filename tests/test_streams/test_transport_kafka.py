@@ -251,3 +251,27 @@ def test_ensure_topics_leaves_an_existing_topic_as_it_is(kafka_bootstrap: str) -
         ensure_topics(KafkaSettings(kafka_bootstrap, client), {topic: 4}, timeout_s=5)
     assert sorted(end_offsets(KafkaSettings(kafka_bootstrap), [topic])) == [TopicPartition(topic, 0),
                                                                             TopicPartition(topic, 1)]
+
+
+@pytest.mark.kafka
+def test_blocking_calls_inside_a_kafka_python_callback_fail_clearly(kafka_bootstrap: str) -> None:
+    from streams.transport import KafkaTransportError
+
+    settings = KafkaSettings(kafka_bootstrap)
+    topic = f"t.cb.{uuid.uuid4().hex[:8]}"
+    ensure_topics(settings, {topic: 1})
+    consumer = make_consumer(settings, f"g-{topic}")
+    consumer.subscribe([topic], on_assigned=lambda tps: consumer.end_offsets(tps))
+    try:
+        with pytest.raises(KafkaTransportError) as info:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                consumer.poll(10, 0.2)
+        chain = []
+        exc: BaseException | None = info.value
+        while exc is not None:
+            chain.append(str(exc))
+            exc = exc.__cause__
+        assert any("call it after poll() returns" in text for text in chain), chain
+    finally:
+        consumer.close()
