@@ -53,6 +53,9 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
                    help="also evaluate this learner online on served traffic (repeatable)")
     p.add_argument("--eval-window", type=float, default=60.0, help="seconds (event time) a click may trail its impression")
     p.add_argument("--score-batch", type=int, default=64, help="requests scored together")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (default 1: the towers are small, and the HTTP and Kafka "
+                        "threads need the other cores)")
     p.set_defaults(func=_serve)
 
 
@@ -81,6 +84,11 @@ def _kafka(args: argparse.Namespace) -> KafkaSettings | None:
 def _serve(args: argparse.Namespace) -> int:
     from serving.app import ServeConfig, ServingApp
 
+    if args.threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+    import torch
+
+    torch.set_num_threads(args.threads)
     config = ServeConfig(
         checkpoint=args.checkpoint, index_root=args.index_root, kafka=_kafka(args),
         topics=Topics(prefix=args.topic_prefix), host=args.host, port=args.port,

@@ -10,8 +10,9 @@ runs on event time:
   (label 1); a click that comes later, or after its impression was finalised, is
   *late*: counted, never changing a finalised label; a click with no impression at all
   is *unmatched* once the window has passed;
-* when the watermark (the newest event time seen) passes ``impression time + window``,
-  the impression is finalised with label 1 if a click joined it, else 0.
+* when the watermark (event time up to which the stream is complete; the events loop
+  uses the slowest active partition's newest event time) passes ``impression time +
+  window``, the impression is finalised with label 1 if a click joined it, else 0.
 
 A finalised impression of a served request is scored by the learner that served it
 (the same immutable handle, so a reload in between does not change history) with
@@ -31,7 +32,7 @@ requests this process did not serve are counted as ``not_served`` and not evalua
 ...                                        user_id="u", request_id="r1", item_id=item, **kw)
 >>> for e in [mk("impression", "a", 0.0, label=1, position=0), mk("impression", "b", 0.0, label=0, position=1),
 ...           mk("click", "a", 1.0), mk("click", "b", 50.0)]:
-...     _ = ev.observe(e)
+...     ev.observe(e); _ = ev.advance(e.event_time)
 >>> ev.stats()["clicks"], round(ev.results()["tt"]["auc"], 3)
 ({'joined': 1, 'late': 1, 'unmatched': 0, 'duplicate': 0}, 1.0)
 """
@@ -142,16 +143,15 @@ class OnlineEvaluator:
             while len(self._served) > self.config.served_capacity:
                 self._served.popitem(last=False)
 
-    def observe(self, event: Event) -> int:
-        """Take one impression or click (requests are ignored); returns how many
-        impressions were finalised as a result."""
+    def observe(self, event: Event) -> None:
+        """Take one impression or click (requests are ignored). Nothing is finalised
+        here: the caller moves the watermark with :meth:`advance` (the events loop takes
+        the slowest partition's event time, so one partition running ahead of another
+        does not close windows whose clicks are still on their way)."""
         if event.kind == "impression":
             self._on_impression(event)
         elif event.kind == "click":
             self._on_click(event)
-        else:
-            return 0
-        return self.advance(event.event_time)
 
     def _count_click(self, join: str) -> None:
         self._clicks[join] += 1

@@ -289,7 +289,13 @@ class RequestConsumer(_Loop):
 
 class EventsFollower(_Loop):
     """Feeds impressions and clicks to the online evaluator (and item features to the
-    pre-ranker's :class:`~serving.scorer.ItemFeatureStore`), committing after each batch."""
+    pre-ranker's :class:`~serving.scorer.ItemFeatureStore`), committing after each batch.
+
+    The evaluator's watermark is the newest event time of the *slowest* partition that
+    delivered records in the last ``idle_partition_s`` seconds: partitions are consumed
+    at different speeds, and a window must not close on one partition because another
+    one ran ahead. An idle partition stops holding the watermark back.
+    """
 
     def __init__(
         self,
@@ -300,6 +306,7 @@ class EventsFollower(_Loop):
         topics: Topics = Topics(),
         metrics: Metrics | None = None,
         lag_interval_s: float = 5.0,
+        idle_partition_s: float = 10.0,
         group_id: str = "towerstream-scorer-eval",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -307,17 +314,29 @@ class EventsFollower(_Loop):
                          lag_interval_s=lag_interval_s, clock=clock)
         self.evaluator = evaluator
         self.items = items
+        self.idle_partition_s = idle_partition_s
+        self._partitions: dict[tuple[str, int], tuple[float, float]] = {}  # -> (newest event time, last seen)
+
+    def watermark(self) -> float | None:
+        """The slowest active partition's newest event time (None before any event)."""
+        now = self.clock()
+        active = [t for t, seen in self._partitions.values() if now - seen <= self.idle_partition_s]
+        return min(active) if active else None
 
     def handle(self, batch: EventBatch) -> None:
-        newest = None
-        for e in batch.events:
+        now = self.clock()
+        parts = self._partitions
+        for e, rec in zip(batch.events, batch.records):
             if self.items is not None:
                 self.items.observe_event(e)
             if e.kind != "request":
                 self.evaluator.observe(e)
-                newest = e.event_time if newest is None else max(newest, e.event_time)
-        if newest is not None:
-            self.evaluator.advance(newest)
+            key = (rec.topic, rec.partition)
+            newest = parts.get(key, (e.event_time, now))[0]
+            parts[key] = (max(newest, e.event_time), now)
+        mark = self.watermark()
+        if mark is not None:
+            self.evaluator.advance(mark)
 
 
 def open_request_consumer(

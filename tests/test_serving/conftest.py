@@ -204,3 +204,56 @@ def fakes() -> Any:
 
     return SimpleNamespace(FakeTwoTower=FakeTwoTower, flat_handle=flat_handle, free_port=free_port,
                            http_get=http_get)
+
+
+# --------------------------------------------------------------------------- real artifacts
+
+
+@dataclass(frozen=True)
+class Artifacts:
+    """A briefly trained two-tower checkpoint and a published index built from it."""
+
+    checkpoint: Path
+    index_root: Path
+    catalogue: Path
+    sim_config: Any
+    events_learned: int
+    index_ids: frozenset[str]
+    service: Any  # the IndexerService that built version 1 (its counters feed the exporter)
+
+
+@pytest.fixture(scope="session")
+def trained_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Artifacts:
+    """Train a small two-tower on ~2,000 simulated impressions (a few seconds), checkpoint
+    it, and build + publish index version 1 with the real indexer service."""
+    import orjson
+
+    from indexer import ArtifactStore, Catalogue, FileCheckpointSource, IndexerService
+    from learners.base import event_to_x
+    from learners.checkpoint import save_checkpoint
+    from learners.registry import make_learner
+    from streams.simulator import ClickSimulator, SimulatorConfig
+
+    root = tmp_path_factory.mktemp("artifacts")
+    config = SimulatorConfig(seed=11, n_users=200, n_items=300, slate_size=5, drift_every=None)
+    events = list(ClickSimulator(config).events(max_events=3000))
+    impressions = [e for e in events if e.kind == "impression"]
+    learner = make_learner("two-tower", out_dim=16, hidden=(32,), field_dim=8, seed=0)
+    for start in range(0, len(impressions), 256):
+        batch = impressions[start:start + 256]
+        learner.learn_many([event_to_x(e) for e in batch], np.array([e.label for e in batch]))
+    checkpoint = root / "two-tower.ckpt"
+    save_checkpoint(checkpoint, learner, {}, events_learned=len(impressions))
+    catalogue = Catalogue()
+    catalogue.extend(events)
+    snap = catalogue.snapshot()
+    cat_path = root / "catalogue.jsonl"
+    cat_path.write_bytes(b"".join(
+        orjson.dumps({"item_id": i, "item_features": {k[2:]: v for k, v in x.items() if k.startswith("i:")}}) + b"\n"
+        for i, x in zip(snap.ids, snap.xs)
+    ))
+    service = IndexerService(ArtifactStore(root / "index"), catalogue, FileCheckpointSource(checkpoint))
+    outcome = service.build_once(trigger="test")
+    assert outcome.status == "published", outcome
+    return Artifacts(checkpoint=checkpoint, index_root=root / "index", catalogue=cat_path, sim_config=config,
+                     events_learned=len(impressions), index_ids=frozenset(snap.ids), service=service)

@@ -36,8 +36,9 @@ def click(rid: str, item: str, t: float, n: int = 0) -> Event:
 
 
 def feed(ev: OnlineEvaluator, events: list[Event]) -> None:
-    for e in events:
+    for e in events:  # one partition, in order: the watermark is each event's time
         ev.observe(e)
+        ev.advance(e.event_time)
 
 
 def test_clicks_within_the_window_label_their_impressions() -> None:

@@ -201,3 +201,32 @@ def test_events_follower_feeds_the_evaluator_and_item_features(fakes: Any) -> No
     assert items(None, ["a"]) == [{"item_id": "a", "i:cat": "x"}]
     assert ev.results()["fake"]["auc"] == 1.0  # the t=20 click moved the watermark past the window
     assert journal[-1] == ("commit", {TopicPartition(T.events, 0): 4})
+
+
+def test_a_partition_running_ahead_does_not_close_windows_of_a_slower_one(fakes: Any) -> None:
+    from streams.consumer import EventBatch
+
+    ev = OnlineEvaluator(OnlineEvalConfig(window_seconds=5))
+    ev.record_served("r1", ModelHandle(fakes.FakeTwoTower(prerank={"a": 0.9, "b": 0.1}), "fake", 1))
+    clock = {"t": 0.0}
+    follower = EventsFollower(EventConsumer(FakeConsumer([], []), DeadLetterWriter(FakeProducer([]), "dl", "g")),
+                              ev, topics=T, idle_partition_s=10.0, clock=lambda: clock["t"])
+
+    def batch(*pairs: tuple[int, Event]) -> EventBatch:
+        records = [Record(T.events, p, n, b"k", encode_event(e), 0) for n, (p, e) in enumerate(pairs)]
+        return EventBatch([e for _, e in pairs], records, {})
+
+    imp = [Event(kind="impression", event_id=f"i{x}", event_time=0.0, user_id="u1", request_id="r1", item_id=x,
+                 label=0, position=0) for x in "ab"]
+    other = Event(kind="impression", event_id="o", event_time=100.0, user_id="u2", request_id="r9", item_id="z",
+                  label=0, position=0)
+    click = Event(kind="click", event_id="c", event_time=1.0, user_id="u1", request_id="r1", item_id="a", label=1)
+    follower.handle(batch((0, imp[0]), (0, imp[1]), (1, other)))  # partition 1 is 100 s ahead
+    assert follower.watermark() == 0.0
+    follower.handle(batch((0, click)))
+    assert ev.stats()["clicks"]["joined"] == 1 and ev.stats()["clicks"]["late"] == 0
+    clock["t"] = 11.0  # partition 1 went idle: it no longer holds anything back, partition 0 is at t=1
+    follower.handle(batch((0, Event(kind="click", event_id="c2", event_time=20.0, user_id="u1", request_id="r7",
+                                    item_id="q", label=1))))
+    assert follower.watermark() == 20.0
+    assert ev.results()["fake"]["auc"] == 1.0
