@@ -141,12 +141,23 @@ def test_compose_file_has_the_whole_pipeline() -> None:
         assert (DEPLOY / mount.split(":")[0]).exists(), mount
 
 
-def test_serve_command_in_compose_parses_with_the_real_cli() -> None:
+def test_every_app_command_parses_with_the_real_cli() -> None:
     from serving.cli import build_parser
 
+    parser = build_parser()
     compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
-    args = build_parser().parse_args(compose["services"]["scorer"]["command"])
-    assert args.command == "serve" and args.port == 8080 and len(args.shadow) == 3
+    commands = {name: s["command"] for name, s in compose["services"].items() if s.get("image") == "towerstream:latest"}
+    k8s = [d for f in sorted((DEPLOY / "k8s").glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
+    commands.update({f"k8s/{d['metadata']['name']}": d["spec"]["template"]["spec"]["containers"][0]["args"]
+                     for d in k8s if d["kind"] == "Deployment"})
+    assert len(commands) == 7 + 6
+    for name, argv in commands.items():
+        args = parser.parse_args(argv)  # SystemExit (argparse error) on a flag the CLI does not know
+        if argv[0] in ("learn", "serve") or argv[:2] == ["index", "run"]:
+            port = args.metrics_port if argv[0] != "serve" else args.port
+            assert port in (8080, 9100), name
+    scorer = parser.parse_args(compose["services"]["scorer"]["command"])
+    assert scorer.command == "serve" and len(scorer.shadow) == 3
 
 
 def test_kubernetes_manifests() -> None:
