@@ -252,7 +252,8 @@ def bench_swap(store: ArtifactStore, evalq: np.ndarray, args: argparse.Namespace
             spans.append((t, time.perf_counter()))
             i += 1
 
-    events: dict[str, list[tuple[float, float]]] = {"load": [], "swap": [], "reap": [], "placebo": []}
+    events: dict[str, list[tuple[float, float]]] = {"load": [], "swap": [], "reap": [], "placebo": [],
+                                                    "plain_del": []}
     t = threading.Thread(target=query_loop)
     t.start()
     try:
@@ -274,6 +275,14 @@ def bench_swap(store: ArtifactStore, evalq: np.ndarray, args: argparse.Namespace
             a = time.perf_counter()
             events["placebo"].append((a, time.perf_counter()))
             time.sleep(0.1)
+            if s < args.swaps // 3:
+                # What reap() avoids: dropping a loaded version with a plain del.
+                doomed = load_handle(versions[s % 2], verify=False)
+                time.sleep(0.1)
+                a = time.perf_counter()
+                del doomed
+                events["plain_del"].append((a, time.perf_counter()))
+                time.sleep(0.1)
     finally:
         stop.set()
         t.join()
@@ -312,7 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--spread", type=float, default=1.0)
     p.add_argument("--k", type=int, default=100)
     p.add_argument("--recall-target", type=float, default=0.95)
-    p.add_argument("--probe", type=int, default=500, help="tuning queries")
+    p.add_argument("--probe", type=int, default=200, help="tuning queries (the library default)")
     p.add_argument("--eval", type=int, default=1000, help="evaluation queries (disjoint from tuning)")
     p.add_argument("--single-queries", type=int, default=1000)
     p.add_argument("--batch", type=int, default=256)
@@ -383,7 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"  swap      {swap['swaps']} swaps under {swap['queries']} single queries "
                       f"(quiet p50/p99 {swap['query_quiet_p50_ms']:.2f}/{swap['query_quiet_p99_ms']:.2f} ms); "
                       "straddling-query excess p50/p99 ms, call p50/p99:", flush=True)
-                for phase in ("swap", "reap", "load", "placebo"):
+                for phase in ("swap", "reap", "load", "placebo", "plain_del"):
                     e = swap[phase]
                     print(f"            {phase:8} excess {e['straddling_excess_p50_ms']:.3f}/"
                           f"{e['straddling_excess_p99_ms']:.3f} ms   call {e['call_p50_us']:.1f}/"

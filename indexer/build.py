@@ -18,7 +18,11 @@ quantisation error ``1 - max_c <x, c>`` of the new vectors exceeds the error mea
 at training time by more than ``drift_threshold`` (relative).
 
 ``nprobe`` (or HNSW ``efSearch``) is the smallest value whose recall@K against exact
-search on a probe set of queries reaches ``recall_target``.
+search on a probe set of queries reaches ``recall_target``, with confidence: the lower
+bound ``mean - 1.645 * stderr`` of the per-query recalls must reach it, so the target
+also holds on queries the build never saw. For IVF-Flat the whole recall-vs-nprobe
+curve is predicted from one coarse search (:func:`ivf_recall_curve`) and the chosen
+value is then confirmed by a real search.
 
 >>> import numpy as np
 >>> rng = np.random.default_rng(0)
@@ -54,6 +58,7 @@ __all__ = [
     "exact_topk",
     "quantisation_error",
     "ivf_recall_curve",
+    "per_query_recall",
 ]
 
 log = logging.getLogger(__name__)
@@ -89,6 +94,10 @@ class BuildConfig:
         HNSW graph degree and build beam (``hnsw`` only).
     recall_k, recall_target
         The recall@K the search parameter is tuned for.
+    recall_confidence_z
+        The target must hold for the lower confidence bound ``mean - z * stderr`` of the
+        per-query recalls on the probe set (1.645: one-sided 95 %), so that it also holds
+        on queries the build never saw; 0 tunes on the probe mean.
     probe_queries
         Queries sampled for tuning when the caller passes none.
     retrain_every
@@ -114,6 +123,7 @@ class BuildConfig:
     hnsw_ef_construction: int = 80
     recall_k: int = 100
     recall_target: float = 0.95
+    recall_confidence_z: float = 1.645
     probe_queries: int = 200
     retrain_every: int = 10
     growth_retrain: float = 2.0
@@ -241,6 +251,25 @@ def exact_topk(queries: np.ndarray, vectors: np.ndarray, k: int) -> np.ndarray:
     return labels
 
 
+def per_query_recall(found: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Recall of each query, shape (Q,).
+
+    >>> per_query_recall(np.array([[1, 2], [3, 4]]), np.array([[1, 5], [3, 4]])).tolist()
+    [0.5, 1.0]
+    """
+    out = np.empty(len(truth))
+    for q, (f, t) in enumerate(zip(found, truth)):
+        out[q] = len(set(f[f >= 0].tolist()) & set(t.tolist())) / max(len(t), 1)
+    return out
+
+
+def lower_bound(recalls: np.ndarray, z: float) -> float:
+    """``mean - z * stderr`` of per-query recalls (the mean when there is one query)."""
+    if len(recalls) < 2 or z <= 0:
+        return float(np.mean(recalls)) if len(recalls) else 1.0
+    return float(np.mean(recalls) - z * np.std(recalls, ddof=1) / np.sqrt(len(recalls)))
+
+
 def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
     """Mean over queries of ``|found ∩ truth| / |truth|`` (``-1`` labels never match).
 
@@ -343,15 +372,16 @@ def _retrain_reason(
 
 def ivf_recall_curve(index: faiss.Index, vectors: np.ndarray, queries: np.ndarray, truth: np.ndarray,
                      upper: int) -> np.ndarray:
-    """Recall@K of an IVF index for every nprobe in 1..upper, from one coarse search.
+    """Per-query recall@K of an IVF index for every nprobe in 1..upper, from one coarse search.
 
     A true neighbour is scanned at ``nprobe = p`` iff the list it was added to (its
     nearest centroid) is among the query's ``p`` nearest centroids; once scanned, an
     exact (IVF-Flat) neighbour of the whole catalogue is also a top-K of the scanned
-    subset. So ``recall(p)`` = the share of true neighbours whose list ranks below p.
-    Exact for IVF-Flat (up to score ties); an upper bound for IVF-PQ.
+    subset. So a query's ``recall(p)`` = the share of its true neighbours whose list
+    ranks below p. Exact for IVF-Flat (up to score ties); an upper bound for IVF-PQ.
 
-    Returns ``curve`` with ``curve[p - 1] = recall(p)``, shape (upper,).
+    Returns ``curves`` of shape (Q, upper) with ``curves[q, p - 1]`` = recall of query q
+    at ``nprobe = p``.
     """
     ivf = faiss.extract_index_ivf(index)
     n_q, k = truth.shape
@@ -364,17 +394,19 @@ def ivf_recall_curve(index: faiss.Index, vectors: np.ndarray, queries: np.ndarra
     found = flat_truth >= 0
     lists = np.full(flat_truth.shape, -1, dtype=np.int64)
     lists[found] = ivf.quantizer.assign(np.ascontiguousarray(vectors[flat_truth[found]]), 1).ravel()
-    list_rank = np.where(found, rank[np.repeat(np.arange(n_q), k), np.maximum(lists, 0)], upper)
-    counts = np.bincount(list_rank, minlength=upper + 1)[:upper]
-    return np.cumsum(counts) / max(truth.size, 1)
+    list_rank = np.where(found, rank[np.repeat(np.arange(n_q), k), np.maximum(lists, 0)], upper).reshape(n_q, k)
+    list_rank.sort(axis=1)
+    probes = np.arange(1, upper + 1)
+    return np.stack([np.searchsorted(r, probes, side="left") for r in list_rank]) / max(k, 1)
 
 
 def _tune(
-    index: faiss.Index, kind: str, queries: np.ndarray, truth: np.ndarray, k: int, target: float, upper: int,
-    start: int = 1,
-) -> tuple[int | None, float]:
-    """Smallest nprobe/efSearch in [start, upper] reaching ``target`` recall (or upper),
-    by searching: doubling, then bisection. Recall is measured, not predicted."""
+    index: faiss.Index, kind: str, queries: np.ndarray, truth: np.ndarray, k: int, config: BuildConfig,
+    upper: int, start: int = 1,
+) -> tuple[int, float, float]:
+    """Smallest nprobe/efSearch in [start, upper] whose probe recall lower bound reaches
+    the target (or upper), by searching: doubling, then bisection. Recall is measured,
+    not predicted. Returns (value, mean recall, lower bound)."""
 
     def set_param(value: int) -> None:
         if kind == "hnsw":
@@ -382,31 +414,32 @@ def _tune(
         else:
             faiss.extract_index_ivf(index).nprobe = value
 
-    def recall(value: int) -> float:
+    def measure(value: int) -> tuple[float, float]:
         set_param(value)
         _, labels = index.search(queries, k)
-        return recall_at_k(labels, truth)
+        per_query = per_query_recall(labels, truth)
+        return float(per_query.mean()), lower_bound(per_query, config.recall_confidence_z)
 
-    cache: dict[int, float] = {}
+    cache: dict[int, tuple[float, float]] = {}
     lo, value = start - 1, start
     while True:
         value = min(value, upper)
-        cache[value] = recall(value)
-        if cache[value] >= target or value == upper:
+        cache[value] = measure(value)
+        if cache[value][1] >= config.recall_target or value == upper:
             break
         lo, value = value, value * 2
     hi = value
-    if cache[hi] >= target:
-        # Binary search between the last power of two that failed and hi.
+    if cache[hi][1] >= config.recall_target:
+        # Bisection between the last value that failed and hi.
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            cache[mid] = recall(mid)
-            if cache[mid] >= target:
+            cache[mid] = measure(mid)
+            if cache[mid][1] >= config.recall_target:
                 hi = mid
             else:
                 lo = mid
     set_param(hi)
-    return hi, cache[hi]
+    return hi, cache[hi][0], cache[hi][1]
 
 
 def build_index(
@@ -496,19 +529,21 @@ def build_index(
     start = k if kind == "hnsw" else 1
     if kind in _IVF_KINDS:
         # Predict the smallest nprobe from one coarse search, then confirm it by searching.
-        curve = ivf_recall_curve(index, vectors, queries, truth, upper)
-        reached = np.flatnonzero(curve >= config.recall_target)
+        curves = ivf_recall_curve(index, vectors, queries, truth, upper)
+        bounds = np.array([lower_bound(curves[:, p], config.recall_confidence_z) for p in range(upper)])
+        reached = np.flatnonzero(bounds >= config.recall_target)
         start = int(reached[0]) + 1 if len(reached) else upper
-    value, recall = _tune(index, kind, queries, truth, k, config.recall_target, upper, start=start)
+    value, recall, bound = _tune(index, kind, queries, truth, k, config, upper, start=start)
     seconds["tune"] = time.perf_counter() - t
     params["efSearch" if kind == "hnsw" else "nprobe"] = value
-    if recall < config.recall_target:
-        log.warning("%s reached recall@%d=%.3f < target %.3f at the largest setting", kind, k, recall,
-                    config.recall_target)
+    if bound < config.recall_target:
+        log.warning("%s reached recall@%d=%.3f (lower bound %.3f) < target %.3f at the largest setting",
+                    kind, k, recall, bound, config.recall_target)
     seconds["total"] = time.perf_counter() - t0
     return BuildResult(
         index, kind, params, recall, k, len(queries), seconds,
         trained=state, retrained=retrained, retrain_reason=reason, drift=drift,
+        extra={"recall_lower_bound": bound},
     )
 
 
