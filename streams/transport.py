@@ -126,7 +126,9 @@ class KafkaSettings:
                     '\'{"security_protocol": "SASL_SSL", "sasl_mechanism": "PLAIN"}\''
                 ) from None
             if not isinstance(options, dict):
-                raise ConfigError(f"{ENV_OPTIONS} must be a JSON object of option -> value, got {type(options).__name__}")
+                raise ConfigError(
+                    f"{ENV_OPTIONS} must be a JSON object of option -> value, got {type(options).__name__}"
+                )
         return cls(bootstrap_servers=bootstrap, client=client, options=options)  # type: ignore[arg-type]
 
     def with_client(self, client: ClientName) -> "KafkaSettings":
