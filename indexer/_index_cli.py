@@ -4,7 +4,8 @@
 ``--period-s`` seconds or every ``--every-n-updates`` learned events, and announces each
 published version on the control topic. ``build-once`` builds and publishes one version
 (offline: catalogue and held-out events from files). ``list`` shows the versions on disk
-(``*`` marks the served one); ``rollback VERSION`` serves an earlier version again.
+(``*`` marks the served one); ``rollback VERSION [--pin]`` serves an earlier version
+again (``--pin`` stops builders from publishing until ``unpin``).
 
 Kafka comes from ``--bootstrap`` or ``KAFKA_BOOTSTRAP_SERVERS`` (plus
 ``TOWERSTREAM_KAFKA_CLIENT`` and ``TOWERSTREAM_KAFKA_OPTIONS``); without either,
@@ -41,7 +42,7 @@ __all__ = ["register"]
 
 
 def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    """Add the ``index`` subcommand (``run``, ``build-once``, ``list``, ``rollback``)."""
+    """Add the ``index`` subcommand (``run``, ``build-once``, ``list``, ``rollback``, ``unpin``)."""
     index = subparsers.add_parser("index", help="build, publish, list and roll back FAISS index versions",
                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     actions = index.add_subparsers(dest="index_action", metavar="ACTION")
@@ -73,6 +74,8 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     run.add_argument("--period-s", type=float, default=60.0, help="seconds between builds (default 60)")
     run.add_argument("--every-n-updates", type=int, default=None, help="also build after this many learned events")
     run.add_argument("--window", type=int, default=20_000, help="held-out impressions kept for the AUC check")
+    run.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                     help="serve Prometheus /metrics, /healthz and /readyz on this port (0: any free port)")
     run.set_defaults(func=_run)
 
     once = actions.add_parser("build-once", help="build, guard, publish (and announce) one version")
@@ -89,7 +92,13 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     root(rollback)
     kafka(rollback)
     rollback.add_argument("version", type=int, help="the version to serve")
+    rollback.add_argument("--pin", action="store_true",
+                          help="keep serving it: builders skip publishing until `towerstream index unpin`")
     rollback.set_defaults(func=_rollback)
+
+    unpin = actions.add_parser("unpin", help="let builders publish again after `rollback --pin`")
+    root(unpin)
+    unpin.set_defaults(func=_unpin)
 
 
 def _settings(args: argparse.Namespace, required: bool) -> KafkaSettings | None:
@@ -184,6 +193,14 @@ def _run(args: argparse.Namespace) -> int:
         return window.held_out(model.offsets)
 
     service = _service(args, Announcer(producer, topics), held_out)
+    server = None
+    if args.metrics_port is not None:
+        from prometheus_client import REGISTRY
+
+        from serving.metrics import IndexerStatsCollector, indexer_ready, start_metrics_server
+
+        REGISTRY.register(IndexerStatsCollector(service))
+        server = start_metrics_server(args.metrics_port, ready=indexer_ready(service))
     follower = StreamFollower(settings, service.catalogue, window, topics=topics).start()
     print(f"indexing into {args.root} every {args.period_s:g} s; Ctrl-C stops", file=sys.stderr)
     try:
@@ -193,6 +210,9 @@ def _run(args: argparse.Namespace) -> int:
     finally:
         follower.stop()
         producer.close()
+        if server is not None:
+            server.shutdown()
+            server.server_close()
     m = service.metrics
     print(f"stopped: {m.builds_total} published, {m.refused_total} refused, {m.failed_total} failed", file=sys.stderr)
     return 0
@@ -221,7 +241,7 @@ def _list(args: argparse.Namespace) -> int:
 def _rollback(args: argparse.Namespace) -> int:
     store = ArtifactStore(args.root)
     previous = store.current()
-    info = store.rollback(args.version)
+    info = store.rollback(args.version, pin=args.pin)
     settings = _settings(args, required=False)
     if settings is not None:
         topics = Topics(prefix=args.topic_prefix)
@@ -234,4 +254,10 @@ def _rollback(args: argparse.Namespace) -> int:
         print(f"serving version {info.version} (was {previous}); announced on {topics.index_control}")
     else:
         print(f"serving version {info.version} (was {previous}); not announced (no Kafka configured)")
+    return 0
+
+
+def _unpin(args: argparse.Namespace) -> int:
+    removed = ArtifactStore(args.root).unpin()
+    print("unpinned: builders publish again" if removed else "nothing was pinned")
     return 0

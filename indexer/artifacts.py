@@ -4,6 +4,7 @@ Layout under ``root``::
 
     root/
       CURRENT                 the served version number (replaced atomically)
+      PINNED                  present after `rollback --pin`: builders do not publish
       .lock                   flock'd by every writer (builder, rollback, cleanup)
       tmp/                    versions being written (removed by :meth:`clean_temp`)
       versions/v00000007/     one complete version:
@@ -65,6 +66,7 @@ IDS_FILE = "ids.npy"
 TRAINED_FILE = "trained.faiss"
 MANIFEST_FILE = "manifest.json"
 CURRENT_FILE = "CURRENT"
+PINNED_FILE = "PINNED"
 _PREFIX = "v"
 
 
@@ -299,11 +301,39 @@ class ArtifactStore:
         log.info("published index version %d", version)
         return info
 
-    def rollback(self, version: int) -> VersionInfo:
-        """Serve an earlier (or any complete) version again; same as :meth:`publish`."""
+    def rollback(self, version: int, *, pin: bool = False) -> VersionInfo:
+        """Serve an earlier (or any complete) version again; same as :meth:`publish`.
+
+        With ``pin``, builders stop publishing until :meth:`unpin` (otherwise the next
+        accepted build replaces the rolled-back version).
+        """
         info = self.publish(version)
-        log.warning("rolled back: index version %d is served", version)
+        if pin:
+            self.pin(version)
+        log.warning("rolled back: index version %d is served%s", version, " (pinned)" if pin else "")
         return info
+
+    def pin(self, version: int) -> None:
+        """Hold publishing: builders skip their builds while ``PINNED`` exists."""
+        tmp = self.root / f".{PINNED_FILE}.{os.getpid()}.tmp"
+        tmp.write_text(f"{version}\n")
+        os.replace(tmp, self.root / PINNED_FILE)
+
+    def unpin(self) -> bool:
+        """Let builders publish again; returns whether a pin was removed."""
+        try:
+            (self.root / PINNED_FILE).unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
+    def pinned(self) -> int | None:
+        """The version an operator pinned, or None."""
+        try:
+            text = (self.root / PINNED_FILE).read_text().strip()
+        except FileNotFoundError:
+            return None
+        return int(text) if text.isdigit() else -1
 
     def retain(self) -> list[int]:
         """Delete all but the ``keep`` newest versions, never the served one.

@@ -280,6 +280,7 @@ class IndexerService:
 
     def tick(self) -> BuildOutcome | None:
         """Build if one is due; returns the outcome, or None when nothing was due."""
+        self.metrics.index_version = self.store.current()  # an operator may have rolled back
         reason = self.due()
         if reason is None:
             return None
@@ -335,12 +336,17 @@ class IndexerService:
             stamp = self.checkpoints.stamp()
             if stamp is None:
                 raise IndexerError(f"no checkpoint yet ({self.checkpoints!r}); the learner writes one")
+            self._tried_stamp = stamp
+            pinned = self.store.pinned()
+            if pinned is not None:
+                self.metrics.skipped_total += 1
+                return BuildOutcome("skipped", version=self.store.current(), reasons=(
+                    f"publishing is pinned to version {pinned} (`towerstream index unpin` resumes)",))
             snap = self.catalogue.snapshot()
             if len(snap) == 0:
                 self.metrics.skipped_total += 1
                 return BuildOutcome("skipped", reasons=("the catalogue is empty",))
             key = (stamp, snap.revision)
-            self._tried_stamp = stamp
             if key == self._done_key:
                 self.metrics.skipped_total += 1
                 return BuildOutcome("skipped", version=self.metrics.index_version,

@@ -71,3 +71,11 @@ def test_build_once_list_and_rollback_from_a_two_tower_checkpoint(tmp_path, monk
     assert main(["index", "rollback", "9", "--root", str(root)]) == 2
     assert "version 9 does not exist" in capsys.readouterr().err
     assert store.current() == 1
+
+    assert main(["index", "rollback", "2", "--pin", "--root", str(root)]) == 0
+    assert main(["index", "build-once", *common]) == 0  # skipped: pinned
+    assert "pinned to version 2" in capsys.readouterr().err
+    assert store.current() == 2 and store.latest().version == 2
+    assert main(["index", "unpin", "--root", str(root)]) == 0
+    assert main(["index", "build-once", *common]) == 0
+    assert store.current() == 3

@@ -164,3 +164,20 @@ def test_a_failing_checkpoint_is_counted_and_the_loop_goes_on(tmp_path) -> None:
     del source.load  # back to the class method
     clock.now = 11.0
     assert service.tick().status == "published"
+
+
+def test_a_pinned_rollback_holds_until_unpinned(tmp_path) -> None:
+    service, clock, holder, source, announcer = _setup(tmp_path)
+    v1 = service.build_once().version
+    service.catalogue.upsert("extra", {"topic": "t1"})
+    v2 = service.build_once().version
+    service.store.rollback(v1, pin=True)
+    service.catalogue.upsert("extra-2", {"topic": "t2"})
+    source.bump(events_learned=10_000)
+    outcome = service.build_once()
+    assert outcome.status == "skipped" and "pinned to version 1" in outcome.reasons[0]
+    assert service.store.current() == v1 and service.store.latest().version == v2
+    assert service.store.unpin()
+    published = service.build_once()
+    assert published.status == "published" and published.version == v2 + 1
+    assert service.store.current() == published.version
