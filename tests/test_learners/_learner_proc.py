@@ -5,7 +5,7 @@
         [--batch-size 1] [--checkpoint-every-n 50] [--slow-ms 2] [--idle-timeout 1.5]
 
 ``--learner test-counter`` is :class:`CountingLearner`, an exact, order-independent
-counter (registered here). SIGTERM/SIGINT stop it gracefully. The last stdout line is a
+counter (registered in this process only). SIGTERM/SIGINT stop it gracefully. The last stdout line is a
 JSON summary.
 """
 
@@ -66,8 +66,6 @@ class CountingLearner:
         self.n_learned = int(state["n_learned"])
 
 
-register("test-counter", CountingLearner, replace=True)
-
 
 class _Slow:
     """Delegates to a learner, sleeping after each batch it learns (to kill mid-stream)."""
@@ -103,6 +101,8 @@ def main() -> int:
     ap.add_argument("--session-timeout-ms", type=int, default=6000)
     args = ap.parse_args()
 
+    # Registered here, in the child process only: importing this module has no side effect.
+    register("test-counter", CountingLearner, replace=True)
     learner = make_learner(args.learner, **orjson.loads(args.params))
     if args.slow_ms:
         learner = _Slow(learner, args.slow_ms / 1000)
