@@ -27,6 +27,7 @@ the same learner's predict + learn on the same examples in memory.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -45,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from learners.base import event_to_x  # noqa: E402
 from learners.registry import make_learner  # noqa: E402
 from learners.runtime import StreamLearnerRuntime  # noqa: E402
-from streams.consumer import EventConsumer  # noqa: E402
+from streams.consumer import EventConsumer, tune_gc  # noqa: E402
 from streams.deadletter import DeadLetterWriter  # noqa: E402
 from streams.events import decode_event, encode_event  # noqa: E402
 from streams.simulator import ClickSimulator, SimulatorConfig  # noqa: E402
@@ -176,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runtime-events", type=int, default=50_000, help="impressions per learner runtime run")
     ap.add_argument("--runtime-client", default="confluent", choices=CLIENTS)
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--default-gc", action="store_true",
+                    help="keep Python's default GC thresholds (default: streams.consumer.tune_gc, as "
+                         "`towerstream learn` does)")
     args = ap.parse_args(argv)
 
     broker = None
@@ -198,15 +202,28 @@ def _bench(args: argparse.Namespace) -> int:
     ensure_topics(settings, {topics.events: args.partitions, topics.dead_letter: 1})
     sim_events = list(ClickSimulator(SimulatorConfig(seed=1)).events(max_events=min(args.events, 50_000)))
     values = [(encode_event(e), key_for_user(e.user_id)) for e in sim_events]
+    learners = [n for n in args.learners.split(",") if n]
+    # Learner ceilings first, so that no example objects stay alive (and scanned by the
+    # collector) while the consumers are measured.
+    imps = [e for e in sim_events if e.kind == "impression"]
+    xs = [event_to_x(e) for e in imps]
+    ys = np.array([e.label for e in imps])
+    ceilings = {name: learner_ceiling(name, xs, ys, args.batch_size) for name in learners}
+    del sim_events, imps, xs, ys
+    gc.collect()
     avg_bytes = sum(len(v) for v, _ in values) / len(values)
     load = os.getloadavg()
     print(f"# bench_kafka  {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"load average {load[0]:.2f}  python {platform.python_version()}")
     print(f"# broker {args.bootstrap}  topic {topics.events}: {args.partitions} partitions, {args.events:,} events "
           f"of {avg_bytes:.0f} B  runs {args.runs}  batch {args.batch_size}")
+    print(f"# gc: {'Python defaults' if args.default_gc else 'tuned (streams.consumer.tune_gc)'}")
+    if not args.default_gc:
+        tune_gc()
     rate = produce(settings.with_client("confluent"), topics.events, values, args.events)
     print(f"produce (confluent, acks=all): {rate:,.0f} events/s")
     results: dict[str, Any] = {"events": args.events, "partitions": args.partitions, "runs": args.runs,
+                               "gc": "default" if args.default_gc else "tuned",
                                "batch_size": args.batch_size, "avg_bytes": avg_bytes, "load_average": load,
                                "cpus": os.cpu_count(), "produce_events_per_s": rate, "consume": {}}
 
@@ -228,14 +245,11 @@ def _bench(args: argparse.Namespace) -> int:
         results["consume"][client] = row
 
     results["runtime"] = {}
-    imps = [e for e in sim_events if e.kind == "impression"]
-    xs = [event_to_x(e) for e in imps]
-    ys = np.array([e.label for e in imps])
     with tempfile.TemporaryDirectory() as tmp:
-        for name in [n for n in args.learners.split(",") if n]:
+        for name in learners:
             r = runtime_rate(settings.with_client(args.runtime_client), topics, name,
                              args.runtime_events, args.batch_size, Path(tmp))
-            r["learner_in_memory_events_per_s"] = learner_ceiling(name, xs, ys, args.batch_size)
+            r["learner_in_memory_events_per_s"] = ceilings[name]
             results["runtime"][name] = r
             print(f"runtime {name:<8} ({args.runtime_client}) {r['events_per_s']:>9,.0f} events learned/s wall, "
                   f"{r['events_per_cpu_s']:,.0f} per CPU-s ({r['events_learned']:,} impressions, "

@@ -59,6 +59,8 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p.add_argument("--no-create-topics", action="store_true",
                    help="do not create the events and dead-letter topics when they are missing")
     p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.add_argument("--default-gc", action="store_true",
+                   help="keep Python's default garbage-collector thresholds (see streams.consumer.tune_gc)")
     p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
                    help="serve Prometheus /metrics, /healthz and /readyz on this port (0: any free port)")
     p.set_defaults(func=_run)
@@ -130,6 +132,10 @@ def _run(args: argparse.Namespace) -> int:
         stats_every_s=1.0, on_progress=progress,
     )
     runtime.install_signal_handlers()
+    if not args.default_gc:
+        from streams.consumer import tune_gc
+
+        tune_gc()
     if runtime.resumed_from is not None:
         ck = runtime.resumed_from
         print(f"resuming {name} from {args.checkpoint}: {ck.events_learned:,} events learned, "

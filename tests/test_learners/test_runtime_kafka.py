@@ -480,7 +480,8 @@ def test_learn_command_learns_checkpoints_and_resumes(kafka_bootstrap: str, tmp_
     n_imps = sum(e.kind == "impression" for e in events)
     ckpt = tmp_path / "cli.ckpt"
     common = ["--bootstrap-servers", kafka_bootstrap, "--topic-prefix", topics.prefix, "--checkpoint", str(ckpt),
-              "--group", f"g-{topics.prefix}", "--batch-size", "100", "--quiet"]
+              "--group", f"g-{topics.prefix}", "--batch-size", "100", "--quiet",
+              "--default-gc"]  # tune_gc is process-wide: not inside the test session
     assert _learn([*common, "--learner", "ctr", "--param", "half_life=300", "--max-events", "250"]) == 0
     first = load_checkpoint(ckpt)
     assert first.events_learned == 250 and first.spec["params"]["half_life"] == 300.0
