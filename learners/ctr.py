@@ -27,6 +27,7 @@ loop of ``learn_one`` (up to floating-point rounding).
 
 from __future__ import annotations
 
+from itertools import repeat
 from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
@@ -122,12 +123,18 @@ class CTRLearner:
             raise ValueError(f"x[{self.time_key!r}] must be a finite number of seconds")
         return t
 
+    def _keys(self, xs: Sequence[X]) -> list[Any]:
+        """``x.get(key)`` of each example (C-level for dicts)."""
+        try:
+            return list(map(dict.get, xs, repeat(self.key)))
+        except TypeError:  # a Mapping that is not a dict
+            return [x.get(self.key) for x in xs]
+
     def predict_proba_many(self, xs: Sequence[X]) -> np.ndarray:
         """P(click) of each example, shape (B,)."""
         g = self._global_ctr()
         index = self._index
-        key = self.key
-        idx = np.fromiter((index.get(x.get(key), -1) for x in xs), dtype=np.int64, count=len(xs))
+        idx = np.fromiter(map(index.get, self._keys(xs), repeat(-1)), dtype=np.int64, count=len(xs))
         p = np.full(len(xs), g)
         seen = idx >= 0
         if seen.any():
@@ -156,16 +163,12 @@ class CTRLearner:
     def _learn_items(self, xs: Sequence[X], y: np.ndarray, t: np.ndarray) -> None:
         index = self._index
         n_known = len(index)
-        idx = np.empty(len(xs), dtype=np.int64)
-        for j, x in enumerate(xs):
-            k = x.get(self.key)
-            i = index.get(k)
-            if i is None:
-                if k is None:  # no key: counts toward the global CTR only
-                    idx[j] = -1
-                    continue
-                i = index[k] = len(index)
-            idx[j] = i
+        keys = self._keys(xs)
+        for k in dict.fromkeys(keys):  # new keys get the next indices, in order of appearance
+            if k not in index and k is not None:
+                index[k] = len(index)
+        # no key (None): counts toward the global CTR only
+        idx = np.fromiter(map(index.get, keys, repeat(-1)), dtype=np.int64, count=len(keys))
         has_key = idx >= 0
         if not has_key.all():
             idx, y, t = idx[has_key], y[has_key], t[has_key]

@@ -9,12 +9,18 @@ Every feature becomes one or more *tokens*:
 * a *cross* of two fields (patterns in ``crosses``, e.g. ``("user_id", "i:*")``) -> one
   token per pair of their tokens within the example, value the product of their values.
 
-A token's hash is ``zlib.crc32`` of its UTF-8 text (never Python's salted ``hash()``),
-finalised by a 64-bit mixer; a cross hashes the pair of its token hashes. Bucket indices
+A token's 64-bit key is ``crc32(name) << 32 | crc32(value)`` for a string value (an
+integer category uses the integer itself in the low half; a plain number a fixed low
+half) - ``zlib.crc32`` of UTF-8 text, never Python's salted ``hash()``. A cross's key
+combines its two tokens' keys (``a * K + b + K``, wrapping), and the bucket is the top
+``bits`` bits of ``key * 0x9E3779B97F4A7C15`` (Fibonacci hashing). Bucket indices
 therefore depend on nothing but the text: they are identical in every process, which is
-what lets a checkpoint be restored elsewhere. Token hashes are cached per field and
-value, so after warm-up encoding costs a few dictionary look-ups per feature; crosses and
-the final mixing are vectorized over the batch.
+what lets a checkpoint be restored elsewhere.
+
+Speed: value codes are cached in one dict (value -> code, independent of the field), so
+when the examples of a batch share their fields, one C-level ``map`` looks up every
+feature of the batch; keys, multi-valued features, crosses and buckets are then computed
+on the (B, fields) matrix with a fixed number of numpy operations.
 
 >>> h = FeatureHasher(bits=18)
 >>> x = {"user_id": "u1", "item_id": "i7", "u:age": "25-34", "i:genres": ("Drama", "War"),
@@ -33,7 +39,7 @@ import zlib
 from itertools import chain
 from operator import itemgetter
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -46,11 +52,10 @@ __all__ = ["FeatureHasher", "HashedBatch", "DEFAULT_CROSSES", "stable_hash", "fe
 DEFAULT_CROSSES: tuple[tuple[str, str], ...] = (("user_id", "i:*"), ("u:*", "i:*"))
 _EXCLUDE_DEFAULT: tuple[str, ...] = ("ctx:event_time",)
 
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-_GOLD = np.uint64(0x9E3779B97F4A7C15)
-_S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
+_GOLD = np.uint64(0x9E3779B97F4A7C15)  # 2**64 / golden ratio, odd
+_CROSS = np.uint64(0xBF58476D1CE4E5B9)  # mixes the first token of a cross (odd)
 _LOW32 = (1 << 32) - 1
+_NUMBER_LOW = np.uint64(0x9E3779B9)  # low half of the key of a plain number's token
 
 
 def stable_hash(token: str) -> int:
@@ -60,15 +65,6 @@ def stable_hash(token: str) -> int:
     True
     """
     return zlib.crc32(token.encode("utf-8"))
-
-
-def _mix64(h: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser on uint64 (wrapping arithmetic): spreads the bits of ``h``."""
-    h = h ^ (h >> _S30)
-    h = h * _M1
-    h = h ^ (h >> _S27)
-    h = h * _M2
-    return h ^ (h >> _S31)
 
 
 def feature_tokens(name: str, value: Any, categorical: Iterable[str] = ("ctx:position",)) -> list[tuple[str, float]]:
@@ -107,21 +103,104 @@ class HashedBatch:
     n_rows: int
 
 
-# A code is one int64 per (name, value): ``field_id << 32 | crc32(token)`` for one token;
-# with _MULTI set, the low bits index a group of such codes (a multi-valued feature); with
-# _NUMBER set, the value comes from a side list (plain numbers are never cached).
-_NUMBER = 1 << 62
+# A value's code (one int64, the same in every field):
+#   a string        -> crc32 of its UTF-8 bytes                       (< 2**32)
+#   an int |v|<2**31 -> _INT | (v & 0xFFFFFFFF)
+#   a tuple/list    -> _MULTI | index of its group (the crc32 of each element)
+#   other numbers   -> _NUMBER, the value itself appended to a side list (never cached)
+_INT = 1 << 60
 _MULTI = 1 << 61
-_FLAGS = _NUMBER | _MULTI
+_NUMBER = 1 << 62
 
 
-class _CodeCache(dict):
-    """One field's ``value -> code``; a miss asks the hasher (``__missing__`` is called from C)."""
+class _ValueCache(dict):
+    """``value -> code``; a miss asks the hasher (``__missing__`` is called from C)."""
 
-    __slots__ = ("name", "miss")
+    __slots__ = ("miss",)
 
     def __missing__(self, value: Any) -> int:
-        return self.miss(self.name, value)
+        return self.miss(value)
+
+
+class _Part(NamedTuple):
+    """The tokens of one field (or cross) in a batch: ``rows``, uint64 ``keys``, ``vals``."""
+
+    rows: np.ndarray
+    keys: np.ndarray
+    vals: np.ndarray | None  # None: all 1
+
+
+class _Layout(NamedTuple):
+    """What a batch whose examples have fields ``names`` (in this order) needs."""
+
+    used: list[int]  # indices into names of the fields hashed (not excluded)
+    field_keys: np.ndarray  # (len(used),) uint64: crc32(name) << 32
+    categorical: np.ndarray  # (len(used),) bool
+    pairs: list[tuple[int, int]]  # crosses, as positions in `used`
+
+
+def _scalar_keys(
+    field_keys: np.ndarray, categorical: np.ndarray, codes: np.ndarray, numbers: np.ndarray
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Keys (uint64) and values (None: all 1) of codes without _MULTI.
+
+    ``field_keys`` and ``categorical`` broadcast against ``codes`` (one per column of a
+    (B, fields) matrix, or scalars); ``numbers`` holds the number where a code has
+    _NUMBER. An integer category keeps the integer (its low 32 bits) as the low half of
+    its key, which the code already holds.
+    """
+    keys = field_keys | (codes & _LOW32).view(np.uint64)
+    is_int = (codes & _INT) != 0
+    is_num = (codes & _NUMBER) != 0
+    any_num = bool(is_num.any())
+    if not (any_num or is_int.any()):
+        return keys, None
+    plain = is_int & ~categorical  # integers of numeric fields are values
+    if any_num:
+        whole = is_num & (numbers == np.floor(numbers)) & (np.abs(numbers) < 2.0**63)
+        category = whole & categorical
+        as_int = np.where(category, numbers, 0.0).astype(np.int64)
+        keys = np.where(category, field_keys | (as_int & _LOW32).view(np.uint64), keys)
+        plain |= is_num & ~category
+    if not plain.any():
+        return keys, None
+    low = codes & _LOW32
+    value = np.where(is_num, numbers, ((low ^ 0x80000000) - 0x80000000).astype(np.float64))
+    keys = np.where(plain, field_keys | _NUMBER_LOW, keys)
+    return keys, np.where(plain, value, 1.0)
+
+
+def _cross(a: _Part, b: _Part, n_rows: int, *, dense_a: bool, dense_b: bool) -> _Part:
+    """The cross of two fields' tokens: every pair within a row. A *dense* part has exactly
+    one token per row, in row order; otherwise rows are non-decreasing."""
+    if dense_a and dense_b:
+        ia = ib = None
+        rows = a.rows
+    elif dense_a:
+        ia, ib, rows = b.rows, None, b.rows
+    elif dense_b:
+        ia, ib, rows = None, a.rows, a.rows
+    else:
+        ia, ib = _join_rows(a.rows, b.rows, n_rows)
+        rows = a.rows[ia]
+    ka = a.keys if ia is None else a.keys[ia]
+    kb = b.keys if ib is None else b.keys[ib]
+    va = None if a.vals is None else (a.vals if ia is None else a.vals[ia])
+    vb = None if b.vals is None else (b.vals if ib is None else b.vals[ib])
+    vals = va if vb is None else (vb if va is None else va * vb)
+    return _Part(rows, ka * _CROSS + kb + _CROSS, vals)
+
+
+def _join_rows(rows_a: np.ndarray, rows_b: np.ndarray, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs ``(i, j)`` with ``rows_a[i] == rows_b[j]``; both non-decreasing."""
+    count_b = np.bincount(rows_b, minlength=n_rows)
+    start_b = np.cumsum(count_b) - count_b
+    rep = count_b[rows_a]
+    total = int(rep.sum())
+    ia = np.repeat(np.arange(len(rows_a), dtype=np.int64), rep)
+    first = np.cumsum(rep) - rep
+    ib = np.repeat(start_b[rows_a] - first, rep) + np.arange(total, dtype=np.int64)
+    return ia, ib
 
 
 class FeatureHasher:
@@ -141,8 +220,8 @@ class FeatureHasher:
         Fields ignored entirely (by default ``ctx:event_time``, which the CTR learner may
         use for its decay and which is never a model feature).
     max_cache
-        Cache size in ``(name, value)`` pairs; the cache is cleared when it grows past it.
-        It holds no state (codes are recomputed identically), it only saves time.
+        Number of cached values; the cache is cleared when it grows past it. It holds no
+        state (codes are recomputed identically), it only saves time.
     """
 
     def __init__(
@@ -163,204 +242,216 @@ class FeatureHasher:
         self.categorical = frozenset(categorical)
         self.exclude = frozenset(exclude)
         self.max_cache = int(max_cache)
-        self._mask = np.uint64((1 << self.bits) - 1)
-        self._caches: dict[str, _CodeCache] = {}
-        self._numbers: list[float] = []  # values of the plain numbers met by this transform
-        self._groups: list[tuple[int, ...]] = [()]  # codes of each multi-valued (name, value)
+        self._shift = np.uint64(64 - self.bits)
+        self._cache = _ValueCache()
+        self._cache.miss = self._miss
+        self._numbers: list[float] = []  # values of the uncached numbers met by a lookup
+        self._groups: list[tuple[int, ...]] = [()]
         self._group_arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-        self._fid: dict[str, int] = {}
-        self._field_names: list[str] = []
-        self._cross_pairs: list[tuple[int, int]] = []  # (a, b) field ids, a first
-        self._left = np.zeros(0, dtype=bool)
-        self._right = np.zeros(0, dtype=bool)
-        self._is_cross = np.zeros((0, 0), dtype=bool)
+        self._layouts: dict[tuple[str, ...], _Layout] = {}
 
     @property
     def n_buckets(self) -> int:
         return 1 << self.bits
 
-    # -- the per-(name, value) slow path ---------------------------------------------------
+    # -- values and layouts -------------------------------------------------------------------
 
-    def _cache_of(self, name: str) -> _CodeCache:
-        cache = self._caches.get(name)
-        if cache is None:
-            self._add_field(name)
-            cache = self._caches[name] = _CodeCache()
-            cache.name = name
-            cache.miss = self._miss
-        return cache
-
-    def _add_field(self, name: str) -> int:
-        fid = len(self._field_names)
-        self._field_names.append(name)
-        self._fid[name] = fid
-        for a_pat, b_pat in self.crosses:
-            for other_id, other in enumerate(self._field_names):
-                if other_id == fid:  # a field is never crossed with itself
-                    continue
-                if fnmatch.fnmatchcase(name, a_pat) and fnmatch.fnmatchcase(other, b_pat):
-                    pair = (fid, other_id)
-                elif fnmatch.fnmatchcase(other, a_pat) and fnmatch.fnmatchcase(name, b_pat):
-                    pair = (other_id, fid)
-                else:
-                    continue
-                if pair not in self._cross_pairs and (pair[1], pair[0]) not in self._cross_pairs:
-                    self._cross_pairs.append(pair)
-        n = len(self._field_names)
-        self._left = np.zeros(n, dtype=bool)
-        self._right = np.zeros(n, dtype=bool)
-        self._is_cross = np.zeros((n, n), dtype=bool)
-        for a, b in self._cross_pairs:
-            self._left[a] = self._right[b] = self._is_cross[a, b] = True
-        return fid
-
-    def _miss(self, name: str, value: Any) -> int:
-        """The code of one ``(name, value)``, cached unless it is a plain number."""
-        fid = self._fid[name]
-        if name in self.exclude:
-            # an empty group: no tokens. Not cached: an excluded field's values vary freely.
-            return _MULTI | 0  # group 0 is the empty group
-        toks = feature_tokens(name, value, self.categorical)
-        if len(toks) == 1 and toks[0][0] == name:  # a plain number
-            self._numbers.append(toks[0][1])
-            return _NUMBER | (fid << 32) | stable_hash(name)
-        if isinstance(value, (tuple, list)):
+    def _miss(self, value: Any) -> int:
+        """The code of a value (see the table above); cached unless it is a plain number."""
+        if isinstance(value, str):
+            code = stable_hash(value)
+        elif isinstance(value, (bool, int, np.integer)) and -(1 << 31) <= value < (1 << 31):
+            code = _INT | (int(value) & _LOW32)
+        elif isinstance(value, (int, float, np.integer, np.floating)):
+            if not np.isfinite(float(value)):
+                raise ValueError(f"a numeric feature must be finite, got {value!r}")
+            self._numbers.append(float(value))
+            return _NUMBER
+        elif isinstance(value, (tuple, list)):
+            for v in value:
+                if not isinstance(v, str):
+                    raise TypeError(f"a multi-valued feature holds strings, got {type(v).__name__} in {value!r}")
             code = _MULTI | len(self._groups)
-            self._groups.append(tuple((fid << 32) | stable_hash(t) for t, _ in toks))
+            self._groups.append(tuple(stable_hash(v) for v in value))
             self._group_arrays = None
         else:
-            code = (fid << 32) | stable_hash(toks[0][0])
-        self._caches[name][value] = code
+            raise TypeError(
+                f"a feature value has type {type(value).__name__} ({value!r}); "
+                "use a string, a number or a tuple of strings"
+            )
+        if isinstance(value, list):
+            return code  # unhashable: not cached
+        self._cache[value] = code
         return code
 
-    # -- the batch path ---------------------------------------------------------------------
-
-    def transform(self, xs: Sequence[X]) -> HashedBatch:
-        """Hash a batch of examples into a :class:`HashedBatch` (``xs`` is not modified).
-
-        The per-feature work runs in C (``map`` over a dict whose misses call back into
-        Python); numbers, multi-valued features, crosses and mixing are vectorized.
-        """
-        if sum(map(len, self._caches.values())) >= self.max_cache:
-            for cache in self._caches.values():
-                cache.clear()
-            self._groups = [()]
-            self._group_arrays = None
-        self._numbers = []
-        n_rows = len(xs)
+    def _code(self, name: str, value: Any) -> int:
+        """The code of one value of field ``name``; a bad value's error names the field."""
         try:
-            codes, n_features = self._codes_same_fields(xs)
-        except (KeyError, TypeError):  # varying fields, a non-dict Mapping, a list value
-            codes, n_features = self._codes_any(xs)
-        rows = np.repeat(np.arange(n_rows, dtype=np.int64), n_features)
-        vals = np.ones(len(codes), dtype=np.float64)
-        if self._numbers:
-            numeric = (codes & _NUMBER) != 0
-            vals[numeric] = self._numbers
-            self._numbers = []
-        codes, rows, vals = self._expand_groups(codes, rows, vals)
-        codes &= ~_FLAGS
-        fields = codes >> 32
-        h = (codes & _LOW32).astype(np.uint64)
-        if self._cross_pairs and len(codes):
-            c_rows, c_h, c_vals = self._crosses(rows, fields, h, vals, n_rows)
-            if len(c_rows):
-                rows = np.concatenate([rows, c_rows])
-                h = np.concatenate([h, c_h])
-                vals = np.concatenate([vals, c_vals])
-        cols = (_mix64(h) & self._mask).astype(np.int64)
-        return HashedBatch(rows=rows, cols=cols, vals=vals, n_rows=n_rows)
+            try:
+                return self._cache[value]
+            except TypeError:  # unhashable (a list is fine, a dict is not) or a bad value
+                return self._miss(value)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"feature {name!r}: {exc}") from None
 
-    def _codes_same_fields(self, xs: Sequence[X]) -> tuple[np.ndarray, np.ndarray]:
-        """Codes in row order when every example has the first one's fields: one C-level
-        ``map`` per field. Raises ``KeyError``/``TypeError`` when that does not hold."""
-        n_rows = len(xs)
-        names = list(xs[0]) if n_rows else []
-        n_features = np.fromiter(map(len, xs), dtype=np.int64, count=n_rows)
-        if n_rows and (n_features != len(names)).any():
-            raise KeyError("examples have different fields")
-        by_field = np.empty((len(names), n_rows), dtype=np.int64)
-        for j, name in enumerate(names):
-            cache = self._cache_of(name)
-            by_field[j] = np.fromiter(map(cache.__getitem__, map(itemgetter(name), xs)), np.int64, n_rows)
-        if self._numbers:  # their values were met field by field: put them in row order
-            numeric = (by_field & _NUMBER) != 0
-            order = np.zeros(by_field.shape, dtype=np.int64)
-            order[numeric] = np.arange(int(numeric.sum()))
-            self._numbers = list(np.asarray(self._numbers)[order.T[numeric.T]])
-        return by_field.T.ravel(), n_features
-
-    def _codes_any(self, xs: Sequence[X]) -> tuple[np.ndarray, np.ndarray]:
-        """Codes in row order for any examples (a Python loop: the slow path)."""
-        self._numbers = []
-        codes = []
-        for x in xs:
-            for name, value in x.items():
-                if isinstance(value, list):
-                    value = tuple(value)
-                cache = self._cache_of(name)
-                try:
-                    codes.append(cache[value])
-                except TypeError:  # unhashable: feature_tokens says what is wrong with it
-                    codes.append(self._miss(name, value))
-        n_features = np.array([len(x) for x in xs], dtype=np.int64)
-        return np.array(codes, dtype=np.int64), n_features
+    def _layout(self, names: tuple[str, ...]) -> _Layout:
+        layout = self._layouts.get(names)
+        if layout is None:
+            used = [i for i, name in enumerate(names) if name not in self.exclude]
+            used_names = [names[i] for i in used]
+            field_keys = np.array([stable_hash(n) << 32 for n in used_names], dtype=np.uint64)
+            categorical = np.array([n in self.categorical for n in used_names], dtype=bool)
+            pairs: list[tuple[int, int]] = []
+            for a_pat, b_pat in self.crosses:
+                for ia, a in enumerate(used_names):
+                    if not fnmatch.fnmatchcase(a, a_pat):
+                        continue
+                    for ib, b in enumerate(used_names):
+                        if ia != ib and fnmatch.fnmatchcase(b, b_pat) and (ia, ib) not in pairs and (ib, ia) not in pairs:
+                            pairs.append((ia, ib))
+            layout = self._layouts[names] = _Layout(used, field_keys, categorical, pairs)
+        return layout
 
     def _group_table(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if self._group_arrays is None:
             lens = np.fromiter(map(len, self._groups), dtype=np.int64, count=len(self._groups))
             flat = np.fromiter(chain.from_iterable(self._groups), dtype=np.int64, count=int(lens.sum()))
-            self._group_arrays = (np.cumsum(lens) - lens, lens, flat)
+            self._group_arrays = (np.cumsum(lens) - lens, lens, flat.astype(np.uint64))
         return self._group_arrays
 
-    def _expand_groups(
-        self, codes: np.ndarray, rows: np.ndarray, vals: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Replace each multi-valued code by its group's codes (value 1 each)."""
-        multi = (codes & _FLAGS) == _MULTI
+    # -- codes to keys --------------------------------------------------------------------------
+
+    def _ragged(
+        self, field_key: np.uint64, categorical: bool, codes: np.ndarray, rows: np.ndarray, numbers: np.ndarray
+    ) -> _Part:
+        """One field's tokens from its codes at ``rows`` (non-decreasing), multi-valued or not."""
+        multi = (codes & _MULTI) != 0
+        keys, vals = _scalar_keys(field_key, np.bool_(categorical), np.where(multi, 0, codes), numbers)
         if not multi.any():
-            return codes, rows, vals
+            return _Part(rows, keys, vals)
         starts, lens, flat = self._group_table()
         gid = codes[multi] & _LOW32
         rep = np.ones(len(codes), dtype=np.int64)
         rep[multi] = lens[gid]
-        new_rows = np.repeat(rows, rep)
-        new_vals = np.repeat(vals, rep)
-        new_codes = np.repeat(codes, rep)
-        out_multi = np.repeat(multi, rep)
         k = rep[multi]
         first = np.cumsum(k) - k
-        total = int(k.sum())
-        new_codes[out_multi] = flat[np.repeat(starts[gid] - first, k) + np.arange(total, dtype=np.int64)]
-        return new_codes, new_rows, new_vals
+        out_multi = np.repeat(multi, rep)
+        keys = np.repeat(keys, rep)
+        keys[out_multi] = field_key | flat[np.repeat(starts[gid] - first, k) + np.arange(int(k.sum()))]
+        return _Part(np.repeat(rows, rep), keys, None if vals is None else np.repeat(vals, rep))
 
-    def _crosses(
-        self, rows: np.ndarray, fields: np.ndarray, h: np.ndarray, vals: np.ndarray, n_rows: int
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """All crossed token pairs within each row: a vectorized join of left and right tokens.
+    # -- the batch path -------------------------------------------------------------------------
 
-        Returns the rows, pre-mix hashes (uint64) and values of the cross tokens.
-        """
-        empty = (np.zeros(0, np.int64), np.zeros(0, np.uint64), np.zeros(0, np.float64))
-        left = np.flatnonzero(self._left[fields])
-        right = np.flatnonzero(self._right[fields])
-        if not len(left) or not len(right):
-            return empty
-        # rows are non-decreasing, so each row's right tokens are contiguous in `right`
-        r_count = np.bincount(rows[right], minlength=n_rows)
-        r_start = np.cumsum(r_count) - r_count
-        l_rows = rows[left]
-        rep = r_count[l_rows]
-        total = int(rep.sum())
-        if not total:
-            return empty
-        a = np.repeat(left, rep)
-        first = np.cumsum(rep) - rep
-        b = right[np.repeat(r_start[l_rows] - first, rep) + np.arange(total, dtype=np.int64)]
-        keep = self._is_cross[fields[a], fields[b]]
-        a, b = a[keep], b[keep]
-        # an asymmetric pair hash: (a, b) and (b, a) land in different buckets
-        return rows[a], _mix64(h[a] * _GOLD + h[b]) ^ _GOLD, vals[a] * vals[b]
+    def transform(self, xs: Sequence[X]) -> HashedBatch:
+        """Hash a batch of examples into a :class:`HashedBatch` (``xs`` is not modified)."""
+        if len(self._cache) >= self.max_cache:
+            self._cache.clear()
+            self._groups = [()]
+            self._group_arrays = None
+        n_rows = len(xs)
+        try:
+            parts = self._parts_same_fields(xs)
+        except (KeyError, TypeError, ValueError):  # varying fields, a list value, a bad value
+            parts = self._parts_any(xs)
+        if not parts:
+            empty = np.zeros(0, dtype=np.int64)
+            return HashedBatch(rows=empty, cols=empty, vals=np.zeros(0), n_rows=n_rows)
+        rows = np.concatenate([p.rows for p in parts])
+        keys = np.concatenate([p.keys for p in parts])
+        if all(p.vals is None for p in parts):
+            vals = np.ones(len(keys))
+        else:
+            vals = np.concatenate([np.ones(len(p.keys)) if p.vals is None else p.vals for p in parts])
+        cols = ((keys * _GOLD) >> self._shift).view(np.int64)  # Fibonacci hashing: < 2**bits
+        return HashedBatch(rows=rows, cols=cols, vals=vals, n_rows=n_rows)
+
+    def _lookup(self, values: Iterable[Any], count: int) -> tuple[np.ndarray, np.ndarray]:
+        """Codes of ``values`` (C-level look-ups), and the numbers in a same-shaped array."""
+        self._numbers = []
+        codes = np.fromiter(map(self._cache.__getitem__, values), np.int64, count)
+        numbers = np.zeros(count)
+        if self._numbers:
+            numbers[(codes & _NUMBER) != 0] = self._numbers
+        return codes, numbers
+
+    def _parts_same_fields(self, xs: Sequence[X]) -> list[_Part]:
+        """Parts when every example has the first one's fields (raises ``KeyError`` or
+        ``TypeError`` otherwise): one look-up pass over the (B, fields) matrix."""
+        n_rows = len(xs)
+        if not n_rows:
+            return []
+        names = tuple(xs[0])
+        if set(map(len, xs)) != {len(names)}:
+            raise KeyError("examples have different fields")
+        layout = self._layout(names)
+        used = [names[i] for i in layout.used]
+        if len(used) < len(names):  # excluded fields: check they are there, skip their values
+            if not all(n in x for x in xs for n in names if n in self.exclude):
+                raise KeyError("examples have different fields")
+        n_f = len(used)
+        if not n_f:
+            return []
+        values = chain.from_iterable(map(itemgetter(*used), xs)) if n_f > 1 else map(itemgetter(used[0]), xs)
+        codes, numbers = self._lookup(values, n_rows * n_f)
+        codes, numbers = codes.reshape(n_rows, n_f), numbers.reshape(n_rows, n_f)
+        is_multi = ((codes & _MULTI) != 0).any(axis=0)
+        dense = np.flatnonzero(~is_multi)
+        all_rows = np.arange(n_rows, dtype=np.int64)
+        keys, vals = _scalar_keys(
+            layout.field_keys[dense], layout.categorical[dense], codes[:, dense], numbers[:, dense]
+        )
+        parts: dict[int, _Part] = {}
+        ragged = {}
+        for j in np.flatnonzero(is_multi).tolist():
+            ragged[j] = self._ragged(layout.field_keys[j], bool(layout.categorical[j]), codes[:, j], all_rows, numbers[:, j])
+        out = []
+        # dense fields and dense x dense crosses: (B, k) blocks
+        pos = {int(j): c for c, j in enumerate(dense.tolist())}
+        dd = [(pos[a], pos[b]) for a, b in layout.pairs if a in pos and b in pos]
+        if dd:
+            ia = np.array([a for a, _ in dd])
+            ib = np.array([b for _, b in dd])
+            cross_keys = keys[:, ia] * _CROSS + keys[:, ib] + _CROSS
+            cross_vals = None if vals is None else vals[:, ia] * vals[:, ib]
+            keys = np.hstack([keys, cross_keys])
+            if vals is not None:
+                vals = np.hstack([vals, cross_vals])
+        if keys.shape[1]:
+            out.append(_Part(np.repeat(all_rows, keys.shape[1]), keys.ravel(), None if vals is None else vals.ravel()))
+        # pairs with a multi-valued field
+        for a, b in layout.pairs:
+            if a in pos and b in pos:
+                continue
+            pa = ragged.get(a) or _Part(all_rows, keys[:, pos[a]], None if vals is None else vals[:, pos[a]])
+            pb = ragged.get(b) or _Part(all_rows, keys[:, pos[b]], None if vals is None else vals[:, pos[b]])
+            out.append(_cross(pa, pb, n_rows, dense_a=a in pos, dense_b=b in pos))
+        out.extend(ragged.values())
+        return out
+
+    def _parts_any(self, xs: Sequence[X]) -> list[_Part]:
+        """Parts for any examples: a Python loop over the features (the slow path)."""
+        by_field: dict[str, tuple[list[int], list[Any]]] = {}
+        for row, x in enumerate(xs):
+            for name, value in x.items():
+                if name in self.exclude:
+                    continue
+                rows, values = by_field.setdefault(name, ([], []))
+                rows.append(row)
+                values.append(value)
+        names = tuple(by_field)
+        layout = self._layout(names)
+        parts = []
+        for j, name in enumerate(names):
+            rows, values = by_field[name]
+            self._numbers = []
+            codes = np.array([self._code(name, v) for v in values], dtype=np.int64)
+            numbers = np.zeros(len(codes))
+            if self._numbers:
+                numbers[(codes & _NUMBER) != 0] = self._numbers
+            parts.append(self._ragged(layout.field_keys[j], bool(layout.categorical[j]), codes,
+                                      np.array(rows, dtype=np.int64), numbers))
+        crosses = [_cross(parts[a], parts[b], len(xs), dense_a=False, dense_b=False) for a, b in layout.pairs]
+        return parts + crosses
 
     def __repr__(self) -> str:
         return (

@@ -35,6 +35,7 @@ import numpy as np
 
 from learners.base import X
 from learners.hashing import FeatureHasher, HashedBatch
+from learners.metrics import as_labels
 
 __all__ = ["HashedLogisticRegression", "Optimizer"]
 
@@ -101,11 +102,10 @@ class HashedLogisticRegression:
         self.hasher = FeatureHasher(bits=self.bits, crosses=crosses, categorical=categorical)
         size = (1 << self.bits) + 1  # the last coordinate is the intercept
         self._bias = size - 1
+        self._w = np.zeros(size)  # the weights (for FTRL, a function of z and n kept in step)
         if optimizer == "ftrl":
             self._z = np.zeros(size)
             self._n = np.zeros(size)
-        else:
-            self._w = np.zeros(size)
         self._slot = np.zeros(size, dtype=np.int64)  # scratch for de-duplicating coordinates
         self.n_learned = 0
 
@@ -128,52 +128,36 @@ class HashedLogisticRegression:
 
     # -- weights -----------------------------------------------------------------------------
 
-    def _weights(self, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-        """Weights at ``cols`` (and, for FTRL, the ``z`` and ``n`` they come from)."""
-        if self.optimizer == "sgd":
-            return self._w[cols], None, None
-        z = self._z[cols]
-        n = self._n[cols]
-        if self.l1 > 0:
-            shrunk = np.sign(z) * np.maximum(np.abs(z) - self.l1, 0.0)
-        else:
-            shrunk = z
-        w = -shrunk / ((self.beta + np.sqrt(n)) / self.alpha + self.l2)
-        return w, z, n
+    def _ftrl_weights(self, z: np.ndarray, n: np.ndarray) -> np.ndarray:
+        """FTRL-proximal's closed form: the weights of accumulators ``z`` and ``n``."""
+        shrunk = np.sign(z) * np.maximum(np.abs(z) - self.l1, 0.0) if self.l1 > 0 else z
+        return -shrunk / ((self.beta + np.sqrt(n)) / self.alpha + self.l2)
 
-    def _with_bias(self, batch: HashedBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The batch's entries plus one intercept entry (value 1) per row."""
-        b = batch.n_rows
-        rows = np.concatenate([batch.rows, np.arange(b, dtype=np.int64)])
-        cols = np.concatenate([batch.cols, np.full(b, self._bias, dtype=np.int64)])
-        vals = np.concatenate([batch.vals, np.ones(b)])
-        return rows, cols, vals
-
-    def _forward(self, xs: Sequence[X]) -> tuple[np.ndarray, tuple[Any, ...]]:
+    def _forward(self, xs: Sequence[X]) -> tuple[np.ndarray, HashedBatch]:
         batch = self.hasher.transform(xs)
-        rows, cols, vals = self._with_bias(batch)
-        w, z, n = self._weights(cols)
-        logit = np.bincount(rows, weights=w * vals, minlength=batch.n_rows)
-        return _sigmoid(logit), (rows, cols, vals, w, z, n)
+        logit = np.bincount(batch.rows, weights=self._w[batch.cols] * batch.vals, minlength=batch.n_rows)
+        return _sigmoid(logit + self._w[self._bias]), batch
 
-    def _update(self, p: np.ndarray, ys: np.ndarray, cache: tuple[Any, ...]) -> None:
-        rows, cols, vals, w, z, n = cache
-        g_entry = (p - ys)[rows] * vals
+    def _update(self, p: np.ndarray, ys: np.ndarray, batch: HashedBatch) -> None:
+        err = p - ys
+        cols = batch.cols
+        g_entry = err[batch.rows] * batch.vals
         # de-duplicate coordinates in O(N): each entry finds its coordinate's representative
         pos = np.arange(len(cols), dtype=np.int64)
         self._slot[cols] = pos
         rep = self._slot[cols]
         first = np.flatnonzero(rep == pos)
-        g = np.bincount(rep, weights=g_entry, minlength=len(cols))[first]
-        uc = cols[first]
+        g = np.append(np.bincount(rep, weights=g_entry, minlength=len(cols))[first], err.sum())
+        uc = np.append(cols[first], self._bias)
+        w_u = self._w[uc]
         if self.optimizer == "ftrl":
-            n_u = n[first]
+            n_u = self._n[uc]
             n_new = n_u + g * g
-            sigma = (np.sqrt(n_new) - np.sqrt(n_u)) / self.alpha
-            self._z[uc] = z[first] + g - sigma * w[first]
+            z_new = self._z[uc] + g - (np.sqrt(n_new) - np.sqrt(n_u)) / self.alpha * w_u
+            self._z[uc] = z_new
             self._n[uc] = n_new
+            self._w[uc] = self._ftrl_weights(z_new, n_new)
         else:
-            w_u = w[first]
             self._w[uc] = w_u - self.lr * (g + self.l2 * w_u)
         self.n_learned += len(p)
 
@@ -194,11 +178,11 @@ class HashedLogisticRegression:
 
         Returns exactly what :meth:`predict_proba_many` would have returned.
         """
-        ys = _labels(ys, len(xs))
+        ys = as_labels(ys, len(xs))
         if not len(xs):
             return np.zeros(0)
-        p, cache = self._forward(xs)
-        self._update(p, ys, cache)
+        p, batch = self._forward(xs)
+        self._update(p, ys, batch)
         return p
 
     def predict_proba_one(self, x: X) -> float:
@@ -225,23 +209,20 @@ class HashedLogisticRegression:
                     "build the learner from the checkpoint's spec"
                 )
         names = ("z", "n") if self.optimizer == "ftrl" else ("w",)
+        arrays = {}
         for name in names:
-            arr = np.asarray(state[name], dtype=np.float64)
+            arr = np.array(state[name], dtype=np.float64)
             if arr.shape != ((1 << self.bits) + 1,):
                 raise ValueError(f"state {name!r} has shape {arr.shape}, expected ({(1 << self.bits) + 1},)")
-            setattr(self, "_" + name, arr.copy())
+            arrays[name] = arr
+        if self.optimizer == "ftrl":
+            self._z, self._n = arrays["z"], arrays["n"]
+            self._w = self._ftrl_weights(self._z, self._n)
+        else:
+            self._w = arrays["w"]
         self.n_learned = int(state.get("n_learned", 0))
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self.spec["params"].items())
         return f"HashedLogisticRegression({params})"
 
-
-def _labels(ys: Sequence[int] | np.ndarray, n: int) -> np.ndarray:
-    """Labels as a float array of shape (n,), checked to be 0 or 1."""
-    arr = np.asarray(ys, dtype=np.float64).reshape(-1)
-    if arr.shape != (n,):
-        raise ValueError(f"got {arr.shape[0]} labels for {n} examples")
-    if n and not np.all((arr == 0) | (arr == 1)):
-        raise ValueError("labels must be 0 or 1")
-    return arr

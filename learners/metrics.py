@@ -98,8 +98,9 @@ def log_loss(y_true: np.ndarray, p: np.ndarray, eps: float = 1e-7) -> float:
 
 
 def _log_losses(y: np.ndarray, p: np.ndarray, eps: float) -> np.ndarray:
-    q = np.clip(p, eps, 1.0 - eps)
-    return -(y * np.log(q) + (1.0 - y) * np.log1p(-q))
+    """Per-example binary cross-entropy: ``-log`` of the probability given to the label."""
+    q = np.where(y == 1, p, 1.0 - p)
+    return -np.log(np.clip(q, eps, 1.0 - eps))
 
 
 class PrequentialMetrics:
@@ -133,6 +134,8 @@ class PrequentialMetrics:
         self.window = int(window)
         self.auc_bins = int(auc_bins)
         self.auc_logit_range = float(auc_logit_range)
+        logits = np.linspace(-self.auc_logit_range, self.auc_logit_range, self.auc_bins + 1)[1:-1]
+        self._edges = 1.0 / (1.0 + np.exp(-logits))  # inner edges, increasing: auc_bins bins
         self.eps = float(eps)
         self.clock = clock
         self.reset()
@@ -151,12 +154,9 @@ class PrequentialMetrics:
         self._started = self.clock()
 
     def _bin(self, p: np.ndarray) -> np.ndarray:
-        q = np.clip(p, 1e-300, 1.0)
-        with np.errstate(divide="ignore"):
-            logit = np.log(q) - np.log1p(-q)
-        r = self.auc_logit_range
-        scaled = (np.clip(logit, -r, r) + r) / (2 * r) * self.auc_bins
-        return np.minimum(scaled.astype(np.int64), self.auc_bins - 1)
+        """Histogram bin of each probability: bins are equal steps of the logit over
+        ``[-auc_logit_range, auc_logit_range]`` (the outermost ones also take the tails)."""
+        return np.searchsorted(self._edges, p, side="right")
 
     def update(self, y_true: Sequence[int] | np.ndarray, p: Sequence[float] | np.ndarray) -> None:
         """Add a batch of labels (0/1) and the probabilities predicted *before* learning them."""
@@ -170,15 +170,16 @@ class PrequentialMetrics:
         self._loss_sum += float(losses.sum())
         bins = self._bin(q)
         pos = y == 1
-        self._pos_hist += np.bincount(bins[pos], minlength=self.auc_bins)
-        self._neg_hist += np.bincount(bins[~pos], minlength=self.auc_bins)
+        np.add.at(self._pos_hist, bins[pos], 1)
+        np.add.at(self._neg_hist, bins[~pos], 1)
         # the ring keeps the last `window` events
         k = min(len(y), self.window)
-        idx = (self._ring_next + np.arange(k)) % self.window
-        self._ring_y[idx] = y[-k:]
-        self._ring_p[idx] = q[-k:]
-        self._ring_loss[idx] = losses[-k:]
-        self._ring_next = int((self._ring_next + k) % self.window)
+        start = self._ring_next
+        head = min(k, self.window - start)  # up to the end of the ring, then wrap
+        for ring, new in ((self._ring_y, y[-k:]), (self._ring_p, q[-k:]), (self._ring_loss, losses[-k:])):
+            ring[start : start + head] = new[:head]
+            ring[: k - head] = new[head:]
+        self._ring_next = (start + k) % self.window
 
     def _binned_auc(self) -> tuple[float, float]:
         pos, neg = self._pos_hist, self._neg_hist

@@ -97,7 +97,7 @@ class RiverLogisticRegression:
     def __init__(
         self,
         optimizer: Literal["sgd", "adam"] = "sgd",
-        lr: float = 0.05,
+        lr: float = 0.02,
         intercept_lr: float | None = None,
         l2: float = 0.0,
         crosses: Sequence[Sequence[str]] | None = None,

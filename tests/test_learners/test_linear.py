@@ -56,6 +56,18 @@ def test_a_number_crossed_carries_its_value():
     assert sorted(b.vals.tolist()).count(0.25) == 2  # the number and its cross
 
 
+def test_numbers_are_values_unless_categorical():
+    h = FeatureHasher(bits=24, crosses=())
+    three, four = h.transform([{"u:n": 3}]), h.transform([{"u:n": 4.5}])
+    assert three.cols.tolist() == four.cols.tolist()  # one token "u:n" ...
+    assert (three.vals.tolist(), four.vals.tolist()) == ([3.0], [4.5])  # ... carrying the number
+    p3, p4, p3f = (h.transform([{"ctx:position": v}]) for v in (3, 4, 3.0))
+    assert p3.cols.tolist() != p4.cols.tolist()  # one token per position
+    assert p3.cols.tolist() == p3f.cols.tolist() and p3.vals.tolist() == p3f.vals.tolist() == [1.0]
+    big = h.transform([{"u:n": 2**40}, {"u:n": -7}])
+    assert big.vals.tolist() == [2.0**40, -7.0]
+
+
 def test_hashing_ignores_key_order_tuple_order_and_container_type():
     h = FeatureHasher(bits=22)
     reordered = dict(reversed(list(X1.items())))
@@ -89,6 +101,10 @@ def test_excluded_fields_and_crosses_differ_by_direction():
 def test_bad_feature_values_are_rejected_clearly():
     with pytest.raises(TypeError, match="feature 'u:bad'"):
         FeatureHasher().transform([{"u:bad": {"a": 1}}])
+    with pytest.raises(TypeError, match="feature 'i:tags'"):
+        FeatureHasher().transform([{"user_id": "u", "i:tags": ("a", 3)}])
+    with pytest.raises(ValueError, match="feature 'u:x'"):
+        FeatureHasher().transform([{"u:x": float("inf")}])
     with pytest.raises(ValueError):
         FeatureHasher(bits=40)
 
