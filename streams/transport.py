@@ -514,7 +514,12 @@ class _CKProducer:
             raise KafkaTransportError(f"{n} record(s) were not delivered; first error: {first}")
 
     def close(self) -> None:
-        self._p.flush(10)
+        left = self._p.flush(10)
+        if left:
+            log.warning("closing a producer with %d undelivered record(s)", left)
+        close = getattr(self._p, "close", None)  # recent confluent-kafka; older ones close on GC
+        if close is not None:
+            close()
 
 
 class _CKConsumer:
