@@ -11,7 +11,9 @@ exact inner-product search.
 Per (N, kind), medians over ``--runs`` runs:
 
 * build seconds (train / add / tune nprobe|efSearch / total) and, for IVF, the rebuild
-  that reuses the trained centroids;
+  that reuses the trained centroids; also the process CPU seconds of each, which do not
+  grow when other processes share the cores (on an idle 2-core machine the wall time
+  is at most the CPU time);
 * peak memory: the largest RSS increase during the build (sampled every 2 ms);
 * recall@K vs exact search;
 * query latency p50/p99: single queries (1 OpenMP thread, as one request thread
@@ -129,18 +131,22 @@ def bench_kind(kind: str, vectors: np.ndarray, probe: np.ndarray, evalq: np.ndar
     # HNSW (minutes) and IVF-PQ (codebook training) run once at large sizes: they are the
     # rejected alternatives, measured for the comparison only.
     runs = 1 if kind == "hnsw" or (kind == "ivf_pq" and len(vectors) >= 500_000) else args.runs
-    totals, parts, peaks, reuse = [], [], [], []
+    totals, parts, peaks, reuse, cpu, reuse_cpu = [], [], [], [], [], []
     result = None
     for _ in range(runs):
         result = None
         gc.collect()
         with PeakRSS() as mem:
+            c = time.process_time()
             result = build_index(vectors, cfg, queries=probe)
+            cpu.append(time.process_time() - c)
         totals.append(result.seconds["total"])
         parts.append(result.seconds)
         peaks.append(mem.peak_delta)
         if result.trained is not None:
+            c = time.process_time()
             again = build_index(vectors, cfg, trained=result.trained, queries=probe)
+            reuse_cpu.append(time.process_time() - c)
             assert not again.retrained
             reuse.append(again.seconds["total"])
             del again
@@ -154,6 +160,8 @@ def bench_kind(kind: str, vectors: np.ndarray, probe: np.ndarray, evalq: np.ndar
         "add_s": med([p["add"] for p in parts]),
         "tune_s": med([p["tune"] for p in parts]),
         "rebuild_reusing_centroids_s": med(reuse) if reuse else None,
+        "build_cpu_s": med(cpu),
+        "rebuild_reusing_centroids_cpu_s": med(reuse_cpu) if reuse_cpu else None,
         "build_peak_rss_mb": med(peaks) / 2**20,
         "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "index_bytes_mb": len(faiss.serialize_index(result.index)) / 2**20,
@@ -212,20 +220,27 @@ def bench_service(vectors: np.ndarray, users: np.ndarray, root: Path, args: argp
         build_config=BuildConfig(recall_k=args.k, recall_target=args.recall_target, probe_queries=500),
         guardrail=Guardrail(), held_out=lambda m: (xs, ys_arr), period_s=60.0,
     )
-    first, rebuild = [], []
+    first, rebuild, first_cpu, rebuild_cpu, phases = [], [], [], [], []
     manifests = []
     for r in range(args.runs + 1):  # the first build trains, the others reuse the centroids
         catalogue.upsert(f"i{r % n}", {"touch": r})  # something changed: a build is due
         source.generation += 1
+        c = time.process_time()
         outcome = service.build_once()
+        cpu_s = time.process_time() - c
         assert outcome.status == "published", outcome.reasons
         (first if r == 0 else rebuild).append(outcome.seconds)
+        phases.append(outcome.phases)
+        (first_cpu if r == 0 else rebuild_cpu).append(cpu_s)
         manifests.append(outcome.manifest)
     last = manifests[-1]
     return {
         "first_build_publish_s": med(first),
         "rebuild_publish_s": med(rebuild) if rebuild else None,
+        "first_build_publish_cpu_s": med(first_cpu),
+        "rebuild_publish_cpu_s": med(rebuild_cpu) if rebuild_cpu else None,
         "rebuild_breakdown_s": {k: round(v, 3) for k, v in last["build_seconds"].items()},
+        "rebuild_phases_s": {k: round(v, 3) for k, v in phases[-1].items()},
         "index": last["index"],
         "recall_probe": last["recall"]["value"],
         "auc": last["quality"]["auc"],
@@ -369,15 +384,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"  {kind:9} skipped at N={n:,} (> --hnsw-max {args.hnsw_max:,})")
                 continue
             # A fresh process per kind, so its peak memory is its own.
-            proc = subprocess.run([sys.executable, __file__, *forwarded, "--worker", kind, "--worker-data", str(data_dir)],
-                                  capture_output=True, text=True, check=False)
+            cmd = [sys.executable, __file__, *forwarded, "--worker", kind, "--worker-data", str(data_dir)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if proc.returncode != 0:
                 print(f"  {kind:9} failed:\n{proc.stderr[-2000:]}")
                 continue
             row = json.loads(proc.stdout.strip().splitlines()[-1])
             rows.append(row)
             print(f"  {kind:9} build {row['build_s']:7.2f} s (train {row['train_s']:.2f}, add {row['add_s']:.2f}, "
-                  f"tune {row['tune_s']:.2f}; reuse {row['rebuild_reusing_centroids_s'] or 0:.2f})  "
+                  f"tune {row['tune_s']:.2f}; reuse {row['rebuild_reusing_centroids_s'] or 0:.2f}; cpu "
+                  f"{row.get('build_cpu_s', float('nan')):.1f}/{row.get('rebuild_reusing_centroids_cpu_s') or 0:.1f})  "
                   f"peak +{row['build_peak_rss_mb']:.0f} MB  recall@{args.k} {row[f'recall@{args.k}_eval']:.4f}  "
                   f"single p50/p99 {row['single_p50_ms']:.2f}/{row['single_p99_ms']:.2f} ms  "
                   f"batch{args.batch} p50/p99 {row[f'batch{args.batch}_p50_ms']:.1f}/"
@@ -387,8 +403,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             users = mixture_of_gaussians(1000, args.dim, args.clusters, args.spread, seed=4)
             with tempfile.TemporaryDirectory(prefix="bench-index-") as tmp:
                 svc = bench_service(vectors, users, Path(tmp), args)
-                print(f"  service   first build+publish {svc['first_build_publish_s']:.2f} s, rebuild+publish "
-                      f"{svc['rebuild_publish_s'] or float('nan'):.2f} s {svc['rebuild_breakdown_s']}  "
+                print(f"  service   first build+publish {svc['first_build_publish_s']:.2f} s "
+                      f"(cpu {svc['first_build_publish_cpu_s']:.1f} s), rebuild+publish "
+                      f"{svc['rebuild_publish_s'] or float('nan'):.2f} s (cpu {svc['rebuild_publish_cpu_s'] or 0:.1f} s) "
+                      f"phases {svc['rebuild_phases_s']} index {svc['rebuild_breakdown_s']}  "
                       f"index {svc['index']}", flush=True)
                 swap = bench_swap(ArtifactStore(tmp), evalq, args)
                 print(f"  swap      {swap['swaps']} swaps under {swap['queries']} single queries "

@@ -153,6 +153,7 @@ class BuildOutcome:
     seconds: float = 0.0
     manifest: Mapping[str, Any] | None = None
     decision: GuardrailDecision | None = None
+    phases: Mapping[str, float] = field(default_factory=dict)  # seconds per step of a published build
 
 
 class IndexerService:
@@ -360,29 +361,45 @@ class IndexerService:
             return BuildOutcome("failed", reasons=(str(exc),), seconds=time.perf_counter() - t0)
 
     def _build(self, model: FrozenModel, snap: Any, key: tuple[object, int], trigger: str, t0: float) -> BuildOutcome:
+        phases: dict[str, float] = {}
+        t = time.perf_counter()
+
+        def lap(name: str) -> None:
+            nonlocal t
+            now = time.perf_counter()
+            phases[name] = now - t
+            t = now
+
         vectors = self._embed(model.encoder, snap.xs)
-        embed_s = time.perf_counter() - t0
+        lap("embed")
         xs, ys = self.held_out(model) if self.held_out is not None else ([], np.zeros(0))
         if not np.isfinite(vectors).all():
             decision = self.guardrail.check({"finite": False, "item_count": len(snap)}, None)
             return self._refused(decision, key, t0)
-        result = build_index(vectors, self.build_config, trained=self._trained,
-                             queries=self._probe_queries(model.encoder, xs))
+        queries = self._probe_queries(model.encoder, xs)
+        lap("held_out")
+        result = build_index(vectors, self.build_config, trained=self._trained, queries=queries)
+        lap("index")
         auc = retrieval_auc(model.encoder, xs, ys)
         candidate = {"recall": result.recall, "auc": auc, "item_count": len(snap)}
         decision = self.guardrail.check(candidate, self._baseline(xs, ys))
+        lap("guardrail")
         if not decision.accepted:
             return self._refused(decision, key, t0)
-        manifest = self._manifest(model, result, auc, len(xs), trigger, embed_s, decision)
+        manifest = self._manifest(model, result, auc, len(xs), trigger, phases["embed"], decision)
         info = self.store.write_version(
             result.index, np.asarray(snap.ids, dtype=np.str_), manifest,
             trained=None if result.trained is None else result.trained.template, hook=self.build_hook,
         )
+        lap("write")
         self.store.publish(info.version)
+        lap("publish")
         seconds = time.perf_counter() - t0
         if self.announcer is not None:
             self.announcer.announce(Announcement.for_version(info))
+            lap("announce")
         self.store.retain()
+        lap("retain")
         self._trained = result.trained
         self._served_encoder = (info.version, model.encoder)
         self._done_key = key
@@ -399,7 +416,7 @@ class IndexerService:
         log.info("published index version %d: %d items, %s, recall@%d=%.3f, auc=%s, %.2f s (%s)",
                  info.version, len(snap), result.kind, result.recall_k, result.recall, auc, seconds, trigger)
         return BuildOutcome("published", version=info.version, seconds=seconds, manifest=info.manifest,
-                            decision=decision)
+                            decision=decision, phases=phases)
 
     def _refused(self, decision: GuardrailDecision, key: tuple[object, int], t0: float) -> BuildOutcome:
         self._done_key = key  # the same inputs would be refused again

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from indexer.announce import Announcement
 from indexer.artifacts import ArtifactStore
 from indexer.build import BuildConfig
 from indexer.catalogue import Catalogue
 from indexer.errors import IndexerError
-from indexer.guardrail import Guardrail, GuardrailConfig
 from indexer.handle import IndexHolder
 from indexer.service import IndexerService
 from indexer.testing import FakeCheckpointSource, FakeTwoTower, catalogue_records, labelled_impressions
