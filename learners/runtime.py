@@ -44,7 +44,7 @@ import numpy as np
 
 from learners.base import event_to_x
 from learners.checkpoint import Checkpoint, flat_offsets, load_checkpoint, nest_offsets, save_checkpoint
-from streams.consumer import ConsumerCounts, EventConsumer
+from streams.consumer import ConsumerCounts, EventConsumer, IdleTimer
 from streams.deadletter import DeadLetterWriter
 from streams.errors import ConfigError, StreamsError
 from streams.topics import Topics
@@ -396,7 +396,8 @@ class StreamLearnerRuntime:
         ec = self._open()
         self._started = self.clock()
         self._rate_mark = (self._started, 0)
-        last_record = last_stats = self._started
+        last_stats = self._started
+        idle = IdleTimer(self.idle_timeout_s, self.clock)
         try:
             while not self._stop.is_set():
                 left = None if self.max_events is None else self.max_events - self._learned_run
@@ -407,7 +408,7 @@ class StreamLearnerRuntime:
                     self._check_checkpoint_against_ends()
                 now = self.clock()
                 if batch is not None:
-                    last_record = now
+                    idle.record()
                     self._failed = True  # until the whole batch is learned
                     n = self._learn(batch.events)
                     self._offsets.update(batch.offsets)
@@ -416,10 +417,8 @@ class StreamLearnerRuntime:
                     self._skipped += len(batch.events) - n
                     self._dirty = self._dirty or bool(batch.offsets)
                     self._failed = False
-                elif self.idle_timeout_s is not None and ec.idle_for(now - last_record, self.idle_timeout_s):
+                elif idle.expired(bool(ec.consumer.assignment())):
                     break
-                elif not ec.consumer.assignment():
-                    last_record = now  # waiting for a rebalance is not being idle
                 if self._due():
                     self._checkpoint_and_commit("interval")
                 if now - last_stats >= self.stats_every_s:

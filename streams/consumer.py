@@ -43,9 +43,12 @@ from streams.transport import (
     make_producer,
 )
 
-__all__ = ["EventBatch", "EventConsumer", "ConsumerCounts", "open_event_consumer", "tune_gc"]
+__all__ = ["EventBatch", "EventConsumer", "ConsumerCounts", "IdleTimer", "open_event_consumer", "tune_gc"]
 
 log = logging.getLogger(__name__)
+
+#: How long past an idle timeout a consumer may wait for a partition assignment.
+UNASSIGNED_GRACE_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,53 @@ class ConsumerCounts:
     batches: int = 0
     commits: int = 0
     by_reason: dict[str, int] = field(default_factory=dict)
+
+
+class IdleTimer:
+    """Idle-timeout bookkeeping for a consumer loop: time without a record *while
+    partitions are assigned*. Waiting for an assignment (a group rebalancing after a
+    crash waits for the dead member's session to expire) restarts the count, but only up
+    to ``UNASSIGNED_GRACE_S`` past the timeout. ``timeout_s=None`` never expires.
+
+    >>> t = [0.0]
+    >>> idle = IdleTimer(2.0, clock=lambda: t[0])
+    >>> t[0] = 5.0; idle.expired(assigned=False)   # rebalancing: not idle
+    False
+    >>> t[0] = 6.0; idle.expired(assigned=True), idle.expired(assigned=True)
+    (False, False)
+    >>> t[0] = 8.0; idle.expired(assigned=True)
+    True
+    """
+
+    def __init__(self, timeout_s: float | None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.timeout_s = timeout_s
+        self.clock = clock
+        self._last = clock()
+        self._unassigned_since: float | None = None
+
+    def record(self) -> None:
+        """A record arrived."""
+        self._last = self.clock()
+        self._unassigned_since = None
+
+    def expired(self, assigned: bool) -> bool:
+        """Whether the loop should stop now, after a poll that returned nothing."""
+        if self.timeout_s is None:
+            return False
+        now = self.clock()
+        if assigned:
+            self._unassigned_since = None
+            if now - self._last >= self.timeout_s:
+                log.info("no record for %.1f s: stopping", now - self._last)
+                return True
+            return False
+        if self._unassigned_since is None:
+            self._unassigned_since = now
+        self._last = now
+        if now - self._unassigned_since >= self.timeout_s + UNASSIGNED_GRACE_S:
+            log.warning("no partition assigned for %.1f s: stopping", now - self._unassigned_since)
+            return True
+        return False
 
 
 class EventConsumer:
@@ -245,33 +295,22 @@ class EventConsumer:
         ``idle_timeout_s`` without a record. Each batch: handler, then commit. An exception
         from the handler propagates and nothing of that batch is committed."""
         handled = 0
-        last_record = clock()
+        idle = IdleTimer(idle_timeout_s, clock)
         while not self._stop.is_set():
             left = None if max_events is None else max_events - handled
             if left is not None and left <= 0:
                 break
             batch = self.poll_batch(max_events=left)
-            now = clock()
             if batch is None:
-                if idle_timeout_s is not None and self.idle_for(now - last_record, idle_timeout_s):
+                if idle.expired(bool(self.consumer.assignment())):
                     break
-                if not self.consumer.assignment():
-                    last_record = now  # waiting for a rebalance is not being idle
                 continue
-            last_record = now
+            idle.record()
             if batch.events:
                 handler(batch)
             handled += len(batch.events)
             self.commit(batch.offsets)
         return self.counts
-
-    def idle_for(self, quiet_s: float, idle_timeout_s: float) -> bool:
-        """Whether ``quiet_s`` without a record is an idle timeout: only while partitions
-        are assigned (a group still rebalancing after a crash is not idle)."""
-        if quiet_s < idle_timeout_s or not self.consumer.assignment():
-            return False
-        log.info("no record for %.1f s: stopping", quiet_s)
-        return True
 
     def close(self) -> None:
         """Close the consumer (and the dead-letter producer when we built it)."""

@@ -65,6 +65,11 @@ ENV_CLIENT = "TOWERSTREAM_KAFKA_CLIENT"
 ENV_OPTIONS = "TOWERSTREAM_KAFKA_OPTIONS"
 
 
+# Longest a blocking client call (commit, committed, end offsets, close) may take before it
+# fails with KafkaTransportError instead of hanging.
+_TIMEOUT_MS = 30_000
+
+
 class KafkaTransportError(StreamsError):
     """Kafka did not do what was asked (delivery failed, commit refused, timeout)."""
 
@@ -422,14 +427,17 @@ class _KPConsumer:
     def position(self, partition: TopicPartition) -> int | None:
         self._not_in_listener("position")
         try:
-            return self._c.position(self._ktp(partition), timeout_ms=5000)
+            return self._c.position(self._ktp(partition), timeout_ms=_TIMEOUT_MS)
         except Exception as exc:  # kafka-python: IllegalStateError / timeouts
             log.debug("no position for %s[%d]: %s", partition.topic, partition.partition, exc)
             return None
 
     def committed(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int | None]:
         self._not_in_listener("committed")
-        return {tp: self._c.committed(self._ktp(tp)) for tp in partitions}
+        try:
+            return {tp: self._c.committed(self._ktp(tp), timeout_ms=_TIMEOUT_MS) for tp in partitions}
+        except Exception as exc:  # KafkaTimeoutError and friends
+            raise KafkaTransportError(f"could not read committed offsets: {exc}") from exc
 
     def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
         from kafka.structs import OffsetAndMetadata
@@ -442,7 +450,7 @@ class _KPConsumer:
             self._deferred.append((self._c.commit_async(request), offsets))
             return
         try:
-            self._c.commit(request)
+            self._c.commit(request, timeout_ms=_TIMEOUT_MS)
         except Exception as exc:  # CommitFailedError, KafkaTimeoutError, ...
             raise KafkaTransportError(f"commit of {_fmt_offsets(offsets)} failed: {exc}") from exc
 
@@ -459,14 +467,17 @@ class _KPConsumer:
             known = {tp: self._c.highwater(self._ktp(tp)) for tp in partitions}
             return {tp: off for tp, off in known.items() if off is not None}
         self._not_in_listener("end_offsets")
-        ends = self._c.end_offsets([self._ktp(tp) for tp in partitions])
+        try:
+            ends = self._c.end_offsets([self._ktp(tp) for tp in partitions], timeout_ms=_TIMEOUT_MS)
+        except Exception as exc:  # KafkaTimeoutError and friends
+            raise KafkaTransportError(f"could not read end offsets: {exc}") from exc
         return {TopicPartition(tp.topic, tp.partition): off for tp, off in ends.items()}
 
     def partitions_for(self, topic: str) -> list[int]:
         return _retry_partitions(topic, lambda: self._c.partitions_for_topic(topic))
 
     def close(self) -> None:
-        self._c.close(autocommit=False)
+        self._c.close(autocommit=False, timeout_ms=_TIMEOUT_MS)
 
 
 # --------------------------------------------------------------------------- confluent-kafka

@@ -108,8 +108,11 @@ def main() -> int:
         learner = _Slow(learner, args.slow_ms / 1000)
     settings = KafkaSettings(args.bootstrap, args.client,
                              {"session_timeout_ms": args.session_timeout_ms, "heartbeat_interval_ms": 1000})
+    from learners.metrics import PrequentialMetrics
+
     runtime = StreamLearnerRuntime(
         settings, learner, args.group, Topics(args.prefix), args.checkpoint,
+        metrics=PrequentialMetrics(auc_bins=4096),  # small histograms: batches of one event stay cheap
         checkpoint_every_n=args.checkpoint_every_n, checkpoint_every_s=args.checkpoint_every_s,
         batch_size=args.batch_size, poll_timeout_s=0.2, idle_timeout_s=args.idle_timeout,
     )

@@ -24,6 +24,9 @@ from streams.transport import (
 
 CLIENTS = ["kafka-python", "confluent"]
 
+# A hang fails fast, with the stacks, instead of using up the suite's 600 s.
+pytestmark = pytest.mark.timeout(180)
+
 
 # ------------------------------------------------------------------ settings (no broker)
 
