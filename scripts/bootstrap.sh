@@ -24,11 +24,18 @@ mkdir -p "$wheels"
 [ -x .venv/bin/python ] || python3 -m venv .venv
 stamp=.venv/.towerstream-deps
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  log "downloading wheels into $wheels (files already there are reused)"
-  .venv/bin/pip download -q -d "$wheels" setuptools wheel ".[test,confluent]"
-  log "installing into .venv"
-  .venv/bin/pip install -q --no-index --find-links "$wheels" setuptools wheel
-  .venv/bin/pip install -q --no-index --find-links "$wheels" -e ".[test,confluent]"
+  # Offline first: when the wheelhouse already holds everything, no registry is asked at all
+  # (resolving torch against the index alone costs minutes). Otherwise fill it, then install.
+  install() {
+    .venv/bin/pip install -q --no-index --find-links "$wheels" setuptools wheel &&
+    .venv/bin/pip install -q --no-index --find-links "$wheels" -e ".[test,confluent]"
+  }
+  if ! install 2>/dev/null; then
+    log "downloading wheels into $wheels (files already there are reused)"
+    .venv/bin/pip download -q -d "$wheels" setuptools wheel ".[test,confluent]"
+    log "installing into .venv"
+    install
+  fi
   touch "$stamp"
 fi
 
