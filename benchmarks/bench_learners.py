@@ -6,7 +6,9 @@ Each learner runs the prequential loop over the impressions of a simulated strea
 it), River one event at a time (``predict_proba_one`` then ``learn_one``). A run starts
 from a fresh learner; the figure is the median of ``--runs`` runs, in wall-clock time
 and in process CPU time (the machine may be shared). ``learner`` excludes the metrics,
-``+metrics`` includes :class:`~learners.metrics.PrequentialMetrics` updates.
+``+metrics`` includes :class:`~learners.metrics.PrequentialMetrics` updates. The
+prebuilt stream is frozen out of the garbage collector's scans (``gc.freeze()``) unless
+``--no-gc-freeze``.
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_learners.py
     PYTHONPATH=. .venv/bin/python benchmarks/bench_learners.py --events 300000 --learners lr ctr
@@ -15,6 +17,7 @@ and in process CPU time (the machine may be shared). ``learner`` excludes the me
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -114,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--learners", nargs="*", default=list(LEARNERS),
                         help=f"among {', '.join(LEARNERS)} or any registered name (batched)")
+    parser.add_argument("--no-gc-freeze", action="store_true",
+                        help="leave the prebuilt stream to the garbage collector's scans")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
 
@@ -122,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     xy = list(xy_from_events(ClickSimulator(SimulatorConfig(seed=args.seed)).events(max_events=args.events)))
     xs = [x for x, _ in xy]
     ys = np.array([y for _, y in xy], dtype=np.float64)
+    if not args.no_gc_freeze:  # the stream is built: never rescan it (as `towerstream learn` does)
+        gc.collect()
+        gc.freeze()
     info = machine_info()
     print(f"settings: simulator seed={args.seed} events={args.events} impressions={len(xs)} "
           f"batch={args.batch} bits={args.bits} runs={args.runs} (median) river_impressions={args.river_events}")

@@ -79,7 +79,7 @@ def _xs_ys(xy: list[tuple[dict[str, Any], int]]) -> tuple[list[dict[str, Any]], 
     return [x for x, _ in xy], np.array([y for _, y in xy], dtype=np.float64)
 
 
-def _learn_in_batches(learner: Any, xy: list[tuple[dict[str, Any], int]], batch: int = 64) -> None:
+def _learn_in_batches(learner: Any, xy: list[tuple[dict[str, Any], int]], batch: int = 100) -> None:
     for start in range(0, len(xy), batch):
         xs, ys = _xs_ys(xy[start : start + batch])
         learner.learn_many(xs, ys)
@@ -95,7 +95,7 @@ def _unseen() -> list[dict[str, Any]]:
     ]
 
 
-def _trained(make: Factory, n: int = 1500) -> Any:
+def _trained(make: Factory, n: int = 1000) -> Any:
     learner = make()
     _learn_in_batches(learner, toy_stream(n, seed=1))
     return learner
@@ -217,7 +217,7 @@ def check_learn_many_matches_learn_one(make: Factory) -> None:
     with ``learn_one``, ``learn_many`` of a single example equals ``learn_one``."""
     one = make()
     sequential = bool(getattr(one, "learn_many_is_sequential", False))
-    xy = toy_stream(400 if sequential else 60, seed=8)
+    xy = toy_stream(400 if sequential else 30, seed=8)
     probe, _ = _xs_ys(toy_stream(50, seed=9))
     try:
         for x, y in xy:
