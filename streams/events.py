@@ -98,6 +98,13 @@ class Event:
     k: int | None = None
     schema_version: int = SCHEMA_VERSION
 
+    def __post_init__(self) -> None:
+        # Multi-valued features are tuples, so events compare and hash by value; accept lists.
+        for name in ("user_features", "item_features"):
+            feats = getattr(self, name)
+            if any(isinstance(v, list) for v in feats.values()):
+                object.__setattr__(self, name, {k: tuple(v) if isinstance(v, list) else v for k, v in feats.items()})
+
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready record, ``None`` fields left out."""
         d: dict[str, Any] = {
@@ -188,6 +195,14 @@ def _features(obj: Mapping[str, Any], name: str) -> dict[str, FeatureValue]:
     return out
 
 
+def _fast_event(**fields: Any) -> Event:
+    """Build an already validated :class:`Event` without the frozen dataclass's per-field
+    ``object.__setattr__`` calls (about 3 us of the ~12 us a decode costs)."""
+    event = object.__new__(Event)
+    event.__dict__.update(fields)
+    return event
+
+
 def event_from_dict(obj: Mapping[str, Any]) -> Event:
     """Validate a decoded record and build the :class:`Event`.
 
@@ -255,7 +270,7 @@ def event_from_dict(obj: Mapping[str, Any]) -> Event:
         if position is not None and position < 0:
             raise EventValidationError(f"position must be >= 0, got {position}", reason="value")
 
-    return Event(
+    return _fast_event(
         kind=kind,
         event_id=_require_str(obj, "event_id"),
         event_time=float(event_time),
