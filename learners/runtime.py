@@ -43,6 +43,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from learners.base import event_to_x
+from learners.evaluate import prequential_step
 from learners.checkpoint import Checkpoint, flat_offsets, load_checkpoint, nest_offsets, save_checkpoint
 from streams.consumer import ConsumerCounts, EventConsumer, IdleTimer
 from streams.deadletter import DeadLetterWriter
@@ -223,7 +224,6 @@ class StreamLearnerRuntime:
             lambda s, g, n: make_consumer(s, g, max_poll_records=n)
         )
         self.producer = producer
-        self._predict_learn = getattr(learner, "predict_learn_many", None)
         self.stats_every_s = stats_every_s
         self.on_progress = on_progress
 
@@ -380,14 +380,7 @@ class StreamLearnerRuntime:
         if imps:
             xs = [event_to_x(e) for e in imps]
             ys = np.fromiter((e.label for e in imps), dtype=np.int64, count=len(imps))
-            if self._predict_learn is not None:
-                # one pass that predicts before it learns (the learner guarantees the
-                # predictions equal predict_proba_many's)
-                p = self._predict_learn(xs, ys)
-            else:
-                p = self.learner.predict_proba_many(xs)
-                self.learner.learn_many(xs, ys)
-            self.metrics.update(ys, np.asarray(p, dtype=np.float64))
+            prequential_step(self.learner, xs, ys, self.metrics)
         return len(imps)
 
     def run(self) -> RuntimeStats:
