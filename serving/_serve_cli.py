@@ -53,9 +53,11 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
                    help="also evaluate this learner online on served traffic (repeatable)")
     p.add_argument("--eval-window", type=float, default=60.0, help="seconds (event time) a click may trail its impression")
     p.add_argument("--score-batch", type=int, default=64, help="requests scored together")
+    p.add_argument("--commit-interval", type=float, default=0.2, dest="commit_interval_s",
+                   help="seconds between flush+commit of the request loop (0: after every batch)")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads (default 1: the towers are small, and the HTTP and Kafka "
-                        "threads need the other cores)")
+                   help="torch and FAISS threads (default 1: the towers are small, a single query does "
+                        "not parallelise, and the HTTP and Kafka threads need the other cores)")
     p.set_defaults(func=_serve)
 
 
@@ -86,16 +88,19 @@ def _serve(args: argparse.Namespace) -> int:
 
     if args.threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+    import faiss
     import torch
 
     torch.set_num_threads(args.threads)
+    faiss.omp_set_num_threads(args.threads)  # idle OpenMP threads spin: keep single queries on one
     config = ServeConfig(
         checkpoint=args.checkpoint, index_root=args.index_root, kafka=_kafka(args),
         topics=Topics(prefix=args.topic_prefix), host=args.host, port=args.port,
         k_retrieve=args.k_retrieve, k_default=args.k_default, group_id=args.group,
         eval_group_id=args.eval_group, checkpoint_pattern=args.checkpoint_pattern,
         catalogue=args.catalogue, shadows=_shadows(args.shadow), eval_window_s=args.eval_window,
-        score_batch=args.score_batch, online_eval=not args.no_online_eval,
+        score_batch=args.score_batch, commit_interval_s=args.commit_interval_s,
+        online_eval=not args.no_online_eval,
     )
     app = ServingApp(config)
 

@@ -77,6 +77,8 @@ class ServeConfig:
         Event-time window in which a click joins its impression.
     score_batch
         Requests scored together.
+    commit_interval_s
+        The request loop flushes its rankings and commits at most this often (0: every batch).
     online_eval
         Follow the events topic for online AUC (Kafka only).
     """
@@ -98,11 +100,14 @@ class ServeConfig:
     shadows: Mapping[str, Path] = field(default_factory=dict)
     eval_window_s: float = 60.0
     score_batch: int = 64
+    commit_interval_s: float = 0.2
     online_eval: bool = True
 
     def __post_init__(self) -> None:
         if self.k_retrieve < 1 or self.k_default < 1:
             raise ConfigError(f"--k-retrieve and --k must be >= 1, got {self.k_retrieve} and {self.k_default}")
+        if self.commit_interval_s < 0:
+            raise ConfigError(f"--commit-interval must be >= 0 seconds, got {self.commit_interval_s}")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"--port must be in 0..65535, got {self.port}")
         if self.catalogue is not None and not Path(self.catalogue).is_file():
@@ -199,7 +204,8 @@ class ServingApp:
                                     on_swap=self.metrics.on_index_swap).start()
         self.requests = open_request_consumer(cfg.kafka, self.scorer, group_id=cfg.group_id, topics=t,
                                               metrics=self.metrics, evaluator=self.evaluator,
-                                              score_batch=cfg.score_batch)
+                                              score_batch=cfg.score_batch,
+                                              commit_interval_s=cfg.commit_interval_s)
         self._spawn("requests", self.requests.run)
         if cfg.online_eval:
             self.follower = open_events_follower(cfg.kafka, self.evaluator, group_id=cfg.eval_group_id, topics=t,

@@ -4,9 +4,11 @@
 shared :class:`~streams.consumer.EventConsumer` (decode + validate; a bad record goes to
 the dead-letter topic with its reason). Each batch of request events is scored with
 :meth:`~serving.scorer.Scorer.score_many`, every ranked list is produced to
-``Topics.rankings`` keyed by request id, the producer is flushed, and only then are the
-batch's offsets committed: a crash anywhere re-serves the batch, never skips it
-(at-least-once; a ranking may be produced twice). A valid event of another kind on the
+``Topics.rankings`` keyed by request id; before offsets are committed (after every batch,
+or at most every ``commit_interval_s``, and whenever the topic goes idle) the producer is
+flushed, so an offset is committed only once the rankings of its requests are
+acknowledged: a crash anywhere re-serves them, never skips them (at-least-once; a ranking
+may be produced twice). A valid event of another kind on the
 requests topic is dead-lettered with reason ``kind``.
 
 Until a model and an index are loaded the loop holds the batch (no commit) and retries.
@@ -76,9 +78,14 @@ class _Loop:
     """Poll -> handle -> commit, with consumption, dead-letter and lag metrics."""
 
     def __init__(self, consumer: EventConsumer, *, topic: str, metrics: Metrics | None, group_id: str,
-                 lag_interval_s: float, clock: Callable[[], float]) -> None:
+                 lag_interval_s: float, clock: Callable[[], float], commit_interval_s: float = 0.0) -> None:
+        if commit_interval_s < 0:
+            raise ValueError(f"commit_interval_s must be >= 0, got {commit_interval_s}")
         self.consumer = consumer
         self.topic = topic
+        self.commit_interval_s = commit_interval_s
+        self._pending: dict[TopicPartition, int] = {}
+        self._last_commit = 0.0
         self.metrics = metrics
         self.group_id = group_id
         self.lag_interval_s = lag_interval_s
@@ -139,7 +146,7 @@ class _Loop:
         if not assigned:
             return self.stats.lag
         try:
-            ends = kc.end_offsets(assigned)
+            ends = kc.end_offsets(assigned, cached=True)  # last fetch's high watermarks: no round trip
         except Exception as exc:  # lag is best effort: never stop serving for it
             logger.debug("end offsets unavailable: %s", exc)
             return self.stats.lag
@@ -156,10 +163,23 @@ class _Loop:
                 self.metrics.consumer_lag.labels(topic=topic, group=self.group_id).set(n)
         return lag
 
+    def before_commit(self) -> None:
+        """Make what the handled batches produced durable (the request loop flushes here)."""
+
+    def _flush_and_commit(self) -> None:
+        if self._pending:
+            self.before_commit()
+            self._commit(self._pending)
+            self._pending = {}
+        self._last_commit = self.clock()
+
     def run(self, *, max_events: int | None = None, idle_timeout_s: float | None = None) -> LoopStats:
         """Handle batches until :meth:`stop`, ``max_events`` valid events, or
-        ``idle_timeout_s`` without a record."""
+        ``idle_timeout_s`` without a record. Offsets are committed after
+        :meth:`before_commit`, at most every ``commit_interval_s`` and whenever the topic is
+        idle; an error in a batch leaves it (and the batches not yet committed) uncommitted."""
         last_record = self.clock()
+        self._last_commit = last_record
         while not self._stop.is_set():
             left = None if max_events is None else max_events - self.stats.events
             if left is not None and left <= 0:
@@ -167,6 +187,7 @@ class _Loop:
             batch = self.consumer.poll_batch(max_events=left)
             now = self.clock()
             if batch is None:
+                self._flush_and_commit()
                 self.update_lag()
                 if idle_timeout_s is not None and now - last_record >= idle_timeout_s:
                     break
@@ -175,11 +196,14 @@ class _Loop:
             try:
                 if batch.events:
                     self.handle(batch)
-            except _Stopped:
+            except _Stopped:  # the held batch is not in _pending: it stays uncommitted
                 break
             self._account(batch)
-            self._commit(batch.offsets)
+            self._pending.update(batch.offsets)
+            if now - self._last_commit >= self.commit_interval_s:
+                self._flush_and_commit()
             self.update_lag()
+        self._flush_and_commit()  # what was handled before a stop is still committed
         self.update_lag(force=True)
         return self.stats
 
@@ -205,6 +229,11 @@ class RequestConsumer(_Loop):
         Requests scored per :meth:`Scorer.score_many` call.
     not_ready_backoff_s
         Wait between readiness checks while no model or index is loaded.
+    commit_interval_s
+        Flush the rankings and commit at most this often (0: after every batch). A
+        flush + commit costs two broker round trips; batching them keeps the latency of
+        a lightly loaded loop at the scoring time. A crash re-serves what was not yet
+        committed (at-least-once).
     group_id
         The ``group`` label of the lag metric.
     """
@@ -220,12 +249,13 @@ class RequestConsumer(_Loop):
         evaluator: OnlineEvaluator | None = None,
         score_batch: int = 64,
         not_ready_backoff_s: float = 0.5,
+        commit_interval_s: float = 0.0,
         lag_interval_s: float = 5.0,
         group_id: str = "towerstream-scorer",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(consumer, topic=topics.requests, metrics=metrics, group_id=group_id,
-                         lag_interval_s=lag_interval_s, clock=clock)
+                         lag_interval_s=lag_interval_s, clock=clock, commit_interval_s=commit_interval_s)
         if score_batch < 1:
             raise ValueError(f"score_batch must be >= 1, got {score_batch}")
         self.producer = producer
@@ -249,7 +279,7 @@ class RequestConsumer(_Loop):
                 raise _Stopped()
 
     def handle(self, batch: EventBatch) -> None:
-        """Score the batch's requests, produce their rankings, flush (raises if undelivered)."""
+        """Score the batch's requests and send their rankings (flushed before the commit)."""
         requests: list[ScoreRequest] = []
         wrong = 0
         for event, record in zip(batch.events, batch.records):
@@ -281,10 +311,13 @@ class RequestConsumer(_Loop):
                     self.evaluator.record_served(r.request_id, model)
             if m is not None:
                 m.requests.labels(source="kafka", outcome="ok").inc(len(rankings))
-        self.producer.flush()
         self.stats.produced += len(requests)
         if m is not None and requests:
             m.rankings_produced.inc(len(requests))
+
+    def before_commit(self) -> None:
+        """Wait until every ranking sent so far is acknowledged (raises if one was not)."""
+        self.producer.flush()
 
 
 class EventsFollower(_Loop):
@@ -307,11 +340,12 @@ class EventsFollower(_Loop):
         metrics: Metrics | None = None,
         lag_interval_s: float = 5.0,
         idle_partition_s: float = 10.0,
+        commit_interval_s: float = 1.0,
         group_id: str = "towerstream-scorer-eval",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(consumer, topic=topics.events, metrics=metrics, group_id=group_id,
-                         lag_interval_s=lag_interval_s, clock=clock)
+                         lag_interval_s=lag_interval_s, clock=clock, commit_interval_s=commit_interval_s)
         self.evaluator = evaluator
         self.items = items
         self.idle_partition_s = idle_partition_s
@@ -349,13 +383,15 @@ def open_request_consumer(
     evaluator: OnlineEvaluator | None = None,
     batch_size: int = 256,
     score_batch: int = 64,
+    commit_interval_s: float = 0.2,
 ) -> RequestConsumer:
     """A :class:`RequestConsumer` subscribed to ``topics.requests`` in ``group_id``, with
     its own rankings producer. Close with :func:`close_loop`."""
     ec = open_event_consumer(settings, group_id, [topics.requests], topics.dead_letter,
                              batch_size=batch_size, poll_timeout_s=0.2)
     return RequestConsumer(ec, make_producer(settings), scorer, topics=topics, metrics=metrics,
-                           evaluator=evaluator, score_batch=score_batch, group_id=group_id)
+                           evaluator=evaluator, score_batch=score_batch, group_id=group_id,
+                           commit_interval_s=commit_interval_s)
 
 
 def open_events_follower(

@@ -83,6 +83,10 @@ class PrometheusServer:
         raise AssertionError(f"Prometheus: {expr!r} never satisfied the condition in {timeout_s}s; last: {result}; "
                              f"targets: {self.targets()}")
 
+    def wait_values(self, expr: str, expected: list[float], timeout_s: float = 30.0) -> None:
+        """Wait until ``expr`` returns exactly ``expected`` (sorted values): scrapes lag on a busy machine."""
+        self.wait_for(expr, lambda r: sorted(float(x["value"][1]) for x in r) == sorted(expected), timeout_s)
+
     def targets(self) -> list[dict[str, Any]]:
         _, body = http_get(f"{self.url}/api/v1/targets")
         return [

@@ -170,10 +170,10 @@ def test_requests_in_rankings_out(kafka_bootstrap: str, trained_artifacts: Any, 
         prom.wait_for(f'towerstream_consumer_lag_records{{job="scorer",topic="{topics.requests}"}}',
                       lambda r: len(r) == 1 and float(r[0]["value"][1]) == 0)
         for reason in bad.values():
-            assert prom.values(f'towerstream_dead_letters_total{{job="scorer",reason="{reason}"}}') == [1.0]
+            prom.wait_values(f'towerstream_dead_letters_total{{job="scorer",reason="{reason}"}}', [1.0])
         prom.wait_for('towerstream_index_version{job="scorer"}', lambda r: r and r[0]["value"][1] == "2")
-        assert prom.values('towerstream_index_swaps_total{job="scorer"}') == [2.0]  # initial load + v2
-        assert prom.values('towerstream_index_builds_total{job="indexer"}') == [1.0]
+        prom.wait_values('towerstream_index_swaps_total{job="scorer"}', [2.0])  # initial load + v2
+        prom.wait_values('towerstream_index_builds_total{job="indexer"}', [1.0])
         auc = prom.wait_for('towerstream_online_auc{job="scorer",learner="two-tower"}', lambda r: len(r) == 1)
         assert 0.0 <= float(auc[0]["value"][1]) <= 1.0
         learned = prom.wait_for('towerstream_events_learned_total{job="learners",learner="ctr"}',

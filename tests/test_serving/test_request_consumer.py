@@ -51,7 +51,7 @@ class FakeConsumer:
         self.journal.append(("commit", dict(offsets)))
         self.committed_offsets.update(offsets)
 
-    def end_offsets(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+    def end_offsets(self, partitions: Iterable[TopicPartition], *, cached: bool = False) -> dict[TopicPartition, int]:
         return {tp: 10 for tp in partitions}
 
     def position(self, tp: TopicPartition) -> int | None:
@@ -230,3 +230,16 @@ def test_a_partition_running_ahead_does_not_close_windows_of_a_slower_one(fakes:
                                     item_id="q", label=1))))
     assert follower.watermark() == 20.0
     assert ev.results()["fake"]["auc"] == 1.0
+
+
+def test_commits_can_be_batched_but_always_follow_a_flush(fakes: Any) -> None:
+    records = [rec(n, encode_event(request(n))) for n in range(6)]
+    loop, journal, producer, _ = build(fakes, records)
+    loop.consumer.batch_size = 2  # three batches
+    loop.commit_interval_s = 3600.0  # no commit while records keep coming
+    loop.run(idle_timeout_s=0.05)
+    commits = [j for j in journal if j[0] == "commit"]
+    assert commits == [("commit", {TopicPartition(T.requests, 0): 6})]  # once, when the topic went idle
+    i = journal.index(commits[0])
+    assert journal[i - 1] == ("flush",)
+    assert sum(1 for t, _, _ in producer.sent if t == T.rankings) == 6
