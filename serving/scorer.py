@@ -469,8 +469,9 @@ class Scorer:
             pre = np.asarray(learner.score_candidates(ux, self.item_xs(handle, cand)), dtype=np.float64)
             k = min(req.k or self.k_default, len(cand))
             top = np.argsort(-pre, kind="stable")[:k]
+            pre_l = pre.tolist()
             ranked.append((req, [
-                RankedItem(item_id=cand[j], score=float(pre[j]), rank=n + 1, retrieval_score=float(cand_r[j]))
+                RankedItem(item_id=cand[j], score=pre_l[j], rank=n + 1, retrieval_score=cand_r[j])
                 for n, j in enumerate(top.tolist())
             ]))
         t3 = clock()
@@ -488,8 +489,16 @@ class Scorer:
         ]
 
 
-def _valid_candidates(ids: Iterable[Any], scores: Iterable[float]) -> tuple[list[str], list[float]]:
-    """Drop FAISS's padding (label -1 / id None or "") from one result row."""
+def _valid_candidates(ids: Any, scores: Any) -> tuple[list[str], list[float]]:
+    """Drop FAISS's padding (``""`` ids from the index handle; ``None`` or a negative
+    label elsewhere) from one result row, keeping the order.
+
+    >>> _valid_candidates(np.array(["a", "", "b"]), np.array([0.9, -np.inf, 0.5]))
+    (['a', 'b'], [0.9, 0.5])
+    """
+    if isinstance(ids, np.ndarray) and ids.dtype.kind == "U":  # the index handle's rows: vectorised
+        keep = ids != ""
+        return ids[keep].tolist(), np.asarray(scores, dtype=np.float64)[keep].tolist()
     cand: list[str] = []
     cand_r: list[float] = []
     for i, s in zip(ids, scores):
