@@ -52,7 +52,8 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
         p.add_argument("--root", type=Path, required=True, help="artifact store directory")
 
     def kafka(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--bootstrap", default=None, help="Kafka host:port (default $KAFKA_BOOTSTRAP_SERVERS)")
+        p.add_argument("--bootstrap-servers", "--bootstrap", dest="bootstrap", default=None,
+                       help="Kafka host:port[,...] (default $KAFKA_BOOTSTRAP_SERVERS)")
         p.add_argument("--topic-prefix", default="towerstream", help="topic name prefix (default towerstream)")
 
     def build(p: argparse.ArgumentParser) -> None:

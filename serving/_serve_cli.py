@@ -36,7 +36,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
                    help="learner checkpoint file, or a directory of them (newest *.ckpt is served)")
     p.add_argument("--checkpoint-pattern", default="*.ckpt", help="checkpoint file glob inside a directory")
     p.add_argument("--index-root", type=Path, required=True, help="the indexer's artifact store root")
-    p.add_argument("--bootstrap", default=None,
+    p.add_argument("--bootstrap-servers", "--bootstrap", dest="bootstrap", default=None,
                    help="Kafka bootstrap servers (default $KAFKA_BOOTSTRAP_SERVERS; none: HTTP only)")
     p.add_argument("--kafka-client", choices=("kafka-python", "confluent"), default=None,
                    help="Kafka client (default $TOWERSTREAM_KAFKA_CLIENT or kafka-python)")
