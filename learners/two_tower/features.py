@@ -104,6 +104,10 @@ class EmbeddingStore:
         Free rows whose key was not seen for this many steps (``None``: never).
     init_std
         Standard deviation of a new row.
+    init_accum
+        Starting value of a new row's Adagrad accumulator: with it a row's first steps are
+        proportional to its gradient (like FTRL's ``beta``), not a full ``lr`` whatever
+        the evidence - the difference between learning a rare id and memorising noise.
     """
 
     def __init__(
@@ -115,6 +119,7 @@ class EmbeddingStore:
         max_rows: int = 1 << 22,
         expire_after: int | None = None,
         init_std: float = 0.05,
+        init_accum: float = 0.0,
     ) -> None:
         if initial_rows < 1 or max_rows < initial_rows:
             raise ValueError(f"need 1 <= initial_rows <= max_rows, got {initial_rows}, {max_rows}")
@@ -123,6 +128,7 @@ class EmbeddingStore:
         self.max_rows = max_rows
         self.expire_after = expire_after
         self.init_std = init_std
+        self.init_accum = init_accum
         self.weight = torch.zeros(initial_rows, dim)
         self.accum = torch.zeros(initial_rows, dim)
         self.last_seen = np.zeros(initial_rows, dtype=np.int64)
@@ -178,7 +184,7 @@ class EmbeddingStore:
         rows = torch.tensor(self._pending, dtype=torch.long)
         self._pending = []
         self.weight[rows] = torch.randn(len(rows), self.dim, generator=self.generator) * self.init_std
-        self.accum[rows] = 0.0
+        self.accum[rows] = self.init_accum
         self.last_seen[rows.numpy()] = step
 
     def touch(self, rows: np.ndarray, step: int) -> None:
@@ -233,7 +239,8 @@ class EmbeddingStore:
         return sub.requires_grad_(requires_grad)
 
     def adagrad_(self, rows: torch.Tensor, grad: torch.Tensor, lr: float, eps: float = 1e-8) -> None:
-        """Sparse Adagrad on the unique rows ``rows`` (U,) with their gradient (U, dim)."""
+        """Sparse Adagrad on the unique rows ``rows`` (U,) with their gradient (U, dim):
+        ``acc += g^2; w -= lr * g / sqrt(acc)`` (``grad`` is consumed)."""
         acc = self.accum.index_select(0, rows).add_(grad * grad)
         self.accum.index_copy_(0, rows, acc)
         upd = grad.div_(acc.sqrt_().add_(eps)).mul_(lr)

@@ -45,11 +45,11 @@ class ModelConfig:
     n_user_fields: int
     n_item_fields: int
     field_dim: int = 16
-    hidden: tuple[int, ...] = (128,)
+    hidden: tuple[int, ...] = ()
     out_dim: int = 64
     lightse: bool = False
     fe: bool = False
-    fe_user_heads: int = 4
+    fe_user_heads: int = 1
     fe_item_heads: int = 1
     dat: bool = False
     n_positions: int = 0

@@ -121,8 +121,8 @@ def test_item_tower_alone_reproduces_the_full_models_item_vectors(name):
     enc = learner.encoder.encode(xs, xs, insert=False)
     with torch.no_grad():
         emb = learner.store.gather(enc.rows, requires_grad=False)
-        ua = learner._aug(enc.user_keys, "a_u", False)[0] if learner.dat else None
-        ia = learner._aug(enc.item_keys, "a_v", False)[0] if learner.dat else None
+        ua = learner._id_vectors(learner.aug_store, enc.user_keys, "a_u", False)[0] if learner.dat else None
+        ia = learner._id_vectors(learner.aug_store, enc.item_keys, "a_v", False)[0] if learner.dat else None
         _, v = learner.model(enc.user, enc.item, emb, ua, ia)
     alone = learner.encode_items([learner.item_features_of(x) for x in xs])
     assert alone.dtype == np.float32 and alone.shape == (40, SMALL["out_dim"])
