@@ -2,8 +2,10 @@
 
 The model holds only dense parameters (MLPs, LightSE, FE projections, score scale and
 bias, position bias). Embedding rows live in :class:`~learners.two_tower.features.EmbeddingStore`
-and come in gathered: each tower reads ``emb`` (U, e), the batch's unique rows, through
-its :class:`~learners.two_tower.features.TowerIndex` bags. Losses live in
+and come in as ``emb``: when learning, the batch's unique rows gathered into a leaf
+tensor (U, e) whose gradient the updater applies sparsely; at inference the store's
+whole table. Each tower reads it through its
+:class:`~learners.two_tower.features.TowerIndex` bags. Losses live in
 :mod:`learners.two_tower.losses`; the optimizer, batching and clock in the updater.
 
 * plain two-tower: field embeddings -> MLP -> L2-normalised vector (B, D);

@@ -5,9 +5,11 @@ It speaks the learner protocol of :mod:`learners.base` (``predict_proba_many`` t
 (``encode_items``, ``encode_users``, ``item_features_of``, ``score_candidates``).
 
 Updates are sparse: per batch the unique embedding rows of both towers are gathered into
-one small leaf tensor, the backward pass gives its (U, e) gradient, and a row-wise sparse
-Adagrad writes it back (:meth:`EmbeddingStore.adagrad_`) - no full-table gradient, no
-``torch.sparse`` coalescing; the dense layers use Adam. The clock is the learner's own
+one small leaf tensor, the backward pass gives its (U, e) gradient, and a sparse Adagrad
+writes it back (:meth:`EmbeddingStore.adagrad_`, per-example gradients, accumulators
+starting at ``adagrad_init``) - no full-table gradient, no ``torch.sparse`` coalescing;
+the dense layers use (fused) Adam. Prediction and the towers alone read the table in
+place, without de-duplication or copies. The clock is the learner's own
 step counter (one per micro-batch): it drives row expiry and the item-frequency estimate,
 so a replay of the same events gives the same model. Everything that learning depends on
 (dense weights, Adam state, id tables, embedding rows and their Adagrad state, the
