@@ -312,6 +312,14 @@ _EMPTY: tuple[int, ...] = ()
 _NO_ROW = -1
 
 
+def _values(xs: Sequence[Mapping[str, Any]], field: str) -> list[Any]:
+    """``[x.get(field) for x in xs]``, with C loops when the examples are plain dicts."""
+    try:
+        return list(map(dict.get, xs, repeat(field)))
+    except TypeError:  # not plain dicts
+        return [x.get(field) for x in xs]
+
+
 class FeatureEncoder:
     """Turns examples into :class:`EncodedBatch` es over one :class:`EmbeddingStore`.
 
@@ -361,24 +369,25 @@ class FeatureEncoder:
         return bag
 
     def _column(self, xs: Sequence[Mapping[str, Any]], field: str, insert: bool) -> tuple[list[Any], np.ndarray, np.ndarray]:
-        """(values, flat rows, bag lengths) of one field over ``xs``."""
-        try:
-            col = list(map(dict.get, xs, repeat(field)))
-        except TypeError:  # not plain dicts
-            col = [x.get(field) for x in xs]
+        """(values, flat rows, bag lengths) of one field over ``xs``; the values only for
+        the id fields (``None`` otherwise, when the fast path answered)."""
         rcache = self._rows.get(field)
         if rcache is None:
             rcache = self._rows[field] = {None: _NO_ROW}
             self._bags[field] = {None: _EMPTY}
+        col = _values(xs, field) if field in ("user_id", "item_id") else None
         try:
-            rows = np.fromiter(map(rcache.__getitem__, col), dtype=np.int64, count=len(col))
-        except (KeyError, TypeError):
+            values = col if col is not None else map(dict.get, xs, repeat(field))
+            rows = np.fromiter(map(rcache.__getitem__, values), dtype=np.int64, count=len(xs))
+        except (KeyError, TypeError):  # a value the row cache does not know, or not plain dicts
             pass
         else:
             present = rows >= 0
             if present.all():
-                return col, rows, np.ones(len(col), dtype=np.int64)
+                return col, rows, np.ones(len(xs), dtype=np.int64)
             return col, rows[present], present.astype(np.int64)
+        if col is None:
+            col = _values(xs, field)
         bcache = self._bags[field]
         try:
             bags = list(map(bcache.__getitem__, col))

@@ -286,12 +286,13 @@ class TwoTowerLearner:
         """Per-id vectors (B, dim) of ``keys`` from ``store`` (zeros for unknown ids), plus
         the unique rows and their leaf tensor (for the sparse update)."""
         table = store.table(field)
-        rows = np.empty(len(keys), dtype=np.int64)
-        for i, k in enumerate(keys):
-            r = table.get(k)
-            if r is None:
-                r = store.allocate(field, k) if insert and k is not None else -1
-            rows[i] = r
+        rows = np.fromiter(map(table.get, keys, repeat(-1)), dtype=np.int64, count=len(keys))
+        if insert:
+            for i in np.flatnonzero(rows < 0).tolist():
+                k = keys[i]
+                if k is not None:
+                    r = table.get(k)  # an id twice in the batch is allocated once
+                    rows[i] = r if r is not None else store.allocate(field, k)
         store.init_pending(self.step)
         known = rows >= 0
         uniq, inv = np.unique(rows[known], return_inverse=True)
@@ -461,7 +462,7 @@ class TwoTowerLearner:
         """Item vectors (N, D) float32, L2-normalised (the item tower alone)."""
         if len(xs) == 0:
             return np.zeros((0, self.out_dim), dtype=np.float32)
-        with torch.no_grad():
+        with torch.inference_mode():
             return self._tower(xs, "item").vec.numpy().astype(np.float32, copy=False)
 
     def encode_users(self, xs: Sequence[X]) -> np.ndarray:

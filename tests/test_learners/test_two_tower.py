@@ -320,3 +320,13 @@ def test_numbers_and_multi_valued_features_become_bags():
     # item bags, field-major: item_id of both, then tags of both (3 rows, then empty)
     assert batch.item.offsets.tolist() == [0, 1, 2, 5]
     assert len(batch.item.inverse) == 5
+
+
+def test_examples_that_are_not_plain_dicts_encode_the_same():
+    from types import MappingProxyType
+
+    learner = _trained("dat")
+    xs, _ = _xy(20, seed=19)
+    proxies = [MappingProxyType(x) for x in xs]
+    assert np.array_equal(learner.predict_proba_many(proxies), learner.predict_proba_many(xs))
+    assert np.array_equal(learner.encode_items(proxies), learner.encode_items(xs))
