@@ -1,19 +1,20 @@
-"""Free a retired index's memory without holding the GIL for long.
+"""Free a retired index without holding the GIL.
 
-Dropping the last reference to a large FAISS index runs its C++ destructor with the GIL
-held: for 1M x 64-d vectors that is 20-150 ms on a 2-core machine, and every query
-thread stalls that long waiting for the GIL (measured in
-``benchmarks/bench_index.py``; the swap-pause target is 1 ms). So before a retired
-handle is dropped, its big buffers are handed back to the kernel through calls that
-release the GIL:
+Dropping the last reference to a large FAISS index runs its C++ destructor from
+Python's deallocator, with the GIL held: for 1M x 64-d vectors that is 30-110 ms on 2
+cores, during which every query thread stalls (measured: a spinning Python thread makes
+~8 % of its normal progress during such a ``del``; the swap-pause target is 1 ms). So
+the reaper frees retired handles differently:
 
-* inverted lists: ``IndexIVF.replace_invlists`` (a FAISS call, GIL released) deletes
-  them in C++;
-* flat codes, HNSW graphs, numpy id maps: ``madvise(MADV_DONTNEED)`` over the buffer's
-  whole pages (a ``ctypes`` call, GIL released).
+* a FAISS index is handed to a throw-away ``IndexShards`` that owns it, and
+  ``remove_shard`` deletes it in C++; FAISS's SWIG wrappers release the GIL around that
+  call (the spinning thread keeps ~50-70 % of its progress, the rest being CPU
+  contention on 2 cores);
+* a numpy id map's pages go back to the kernel with ``madvise(MADV_DONTNEED)`` (a
+  ``ctypes`` call, which releases the GIL); freeing the emptied buffer is then cheap.
 
-After that the destructor has (almost) nothing left to unmap. The buffers must not be
-read again: only call this on an index no one can reach.
+Only call these on objects no one can reach any more: the index proxy is left
+dangling, the array's contents are gone.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-__all__ = ["release_index_memory", "release_array_memory"]
+__all__ = ["destroy_index", "release_array_memory"]
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +47,9 @@ if sys.platform.startswith("linux"):
         _madvise = None
 
 
-def _drop_pages(address: int, nbytes: int) -> int:
+def _drop_pages(address: int, nbytes: int, min_bytes: int = _MIN_BYTES) -> int:
     """``madvise(MADV_DONTNEED)`` the whole pages inside [address, address + nbytes)."""
-    if _madvise is None or nbytes < _MIN_BYTES:
+    if _madvise is None or nbytes < min_bytes:
         return 0
     start = -(-address // _PAGE) * _PAGE
     end = (address + nbytes) // _PAGE * _PAGE
@@ -61,38 +62,24 @@ def _drop_pages(address: int, nbytes: int) -> int:
 
 
 def release_array_memory(array: np.ndarray) -> int:
-    """Drop the pages of a numpy array that owns its (contiguous) buffer; returns bytes dropped."""
-    if not array.flags.owndata or not array.flags.c_contiguous:
+    """Drop the pages of a contiguous numpy array whose memory belongs to numpy (its own,
+    or a same-sized base array's, as ``np.load`` makes); returns the bytes dropped."""
+    owner = array
+    while not owner.flags.owndata and isinstance(owner.base, np.ndarray):
+        owner = owner.base
+    if not owner.flags.owndata or not array.flags.c_contiguous or owner.nbytes != array.nbytes:
         return 0
     return _drop_pages(array.ctypes.data, array.nbytes)
 
 
-def _vector_bytes(vector: Any, itemsize: int) -> int:
-    n = int(vector.size())
-    if n == 0:
-        return 0
-    view = faiss.rev_swig_ptr(vector.data(), n)
-    return _drop_pages(view.ctypes.data, n * itemsize)
-
-
-def release_index_memory(index: faiss.Index) -> int:
-    """Free what a FAISS index holds (see the module docstring); returns bytes released
-    through ``madvise`` (inverted lists freed by FAISS are not counted)."""
-    index = faiss.downcast_index(index)
-    released = 0
-    if isinstance(index, faiss.IndexRefine):
-        released += release_index_memory(index.base_index)
-        released += release_index_memory(index.refine_index)
-    elif isinstance(index, (faiss.IndexPreTransform, faiss.IndexIDMap)):
-        released += release_index_memory(index.index)
-    elif isinstance(index, faiss.IndexHNSW):
-        released += _vector_bytes(index.hnsw.neighbors, 4)
-        released += release_index_memory(index.storage)
-    elif isinstance(index, faiss.IndexIVF):
-        if index.own_invlists:
-            empty = faiss.ArrayInvertedLists(index.nlist, index.code_size)
-            empty.this.disown()  # the index owns it from now on
-            index.replace_invlists(empty, True)  # deletes the old lists in C++, GIL released
-    elif isinstance(index, faiss.IndexFlatCodes):
-        released += _vector_bytes(index.codes, 1)
-    return released
+def destroy_index(index: faiss.Index) -> bool:
+    """Delete ``index``'s C++ object with the GIL released; returns False (and does
+    nothing) when the Python proxy does not own it. The proxy is dangling afterwards."""
+    if not index.this.own():
+        return False
+    shards = faiss.IndexShards(index.d, False, False)  # not threaded; ids as they are
+    shards.own_indices = True
+    index.this.disown()
+    shards.add_shard(index)
+    shards.remove_shard(index)  # `delete index` in C++, inside a GIL-releasing wrapper
+    return True
