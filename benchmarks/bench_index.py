@@ -217,7 +217,7 @@ def bench_service(vectors: np.ndarray, users: np.ndarray, root: Path, args: argp
     source = StaticSource(LookupTower(vectors, users))
     service = IndexerService(
         ArtifactStore(root, keep=3), catalogue, source,
-        build_config=BuildConfig(recall_k=args.k, recall_target=args.recall_target, probe_queries=500),
+        build_config=BuildConfig(recall_k=args.k, recall_target=args.recall_target, probe_queries=args.probe),
         guardrail=Guardrail(), held_out=lambda m: (xs, ys_arr), period_s=60.0,
     )
     first, rebuild, first_cpu, rebuild_cpu, phases = [], [], [], [], []
