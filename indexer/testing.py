@@ -31,6 +31,9 @@ __all__ = [
 ]
 
 
+_NOISE_ROWS = 1 << 14
+
+
 def _unit(v: np.ndarray) -> np.ndarray:
     return (v / np.linalg.norm(v, axis=-1, keepdims=True)).astype(np.float32)
 
@@ -63,32 +66,36 @@ class FakeTwoTower:
         self.noise = noise
         self.broken = broken
         self.seed = seed
-        self.centres = _unit(np.random.default_rng(seed).normal(size=(n_topics, dim)))
+        rng = np.random.default_rng(seed)
+        self.centres = _unit(rng.normal(size=(n_topics, dim)))
+        # Per-id noise: the sum of two rows picked by the id's hash (2^28 combinations).
+        self._noise = rng.normal(size=(2, _NOISE_ROWS, dim)) / np.sqrt(2.0)
         self.item_calls = 0
 
     def __repr__(self) -> str:
         return f"FakeTwoTower(dim={self.dim}, n_topics={self.n_topics}, noise={self.noise}, broken={self.broken})"
 
-    def _vec(self, ident: str, topic: Any, salt: int) -> np.ndarray:
-        rng = np.random.default_rng(_seed(ident, salt + self.seed))
-        noise = rng.normal(size=self.dim)
+    def _vecs(self, idents: Sequence[str], topics: Sequence[Any], salt: int) -> np.ndarray:
+        h = np.fromiter((_seed(i, salt + self.seed) for i in idents), dtype=np.int64, count=len(idents))
+        noise = self._noise[0, h % _NOISE_ROWS] + self._noise[1, (h >> 14) % _NOISE_ROWS]
         if self.broken:
-            return noise
-        t = int(str(topic)[1:]) % self.n_topics if isinstance(topic, str) and topic[1:].isdigit() else 0
-        return self.centres[t] + self.noise * noise / np.sqrt(self.dim)
+            return _unit(noise)
+        t = np.fromiter((int(str(t)[1:]) % self.n_topics if isinstance(t, str) and t[1:].isdigit() else 0
+                         for t in topics), dtype=np.int64, count=len(topics))
+        return _unit(self.centres[t] + self.noise * noise / np.sqrt(self.dim))
 
     def encode_items(self, xs: Sequence[X]) -> np.ndarray:
         """Item vectors, shape (N, D), L2-normalised."""
         self.item_calls += 1
         if not xs:
             return np.zeros((0, self.dim), dtype=np.float32)
-        return _unit(np.stack([self._vec(str(x["item_id"]), x.get("i:topic"), 1) for x in xs]))
+        return self._vecs([str(x["item_id"]) for x in xs], [x.get("i:topic") for x in xs], 1)
 
     def encode_users(self, xs: Sequence[X]) -> np.ndarray:
         """User vectors, shape (N, D), L2-normalised."""
         if not xs:
             return np.zeros((0, self.dim), dtype=np.float32)
-        return _unit(np.stack([self._vec(str(x["user_id"]), x.get("u:topic"), 2) for x in xs]))
+        return self._vecs([str(x["user_id"]) for x in xs], [x.get("u:topic") for x in xs], 2)
 
 
 @dataclass

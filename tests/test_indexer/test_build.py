@@ -95,9 +95,9 @@ def test_growth_triggers_a_retrain(vectors) -> None:
 
 
 def test_ivf_pq_and_hnsw_build_and_meet_the_target(vectors, queries) -> None:
-    small = vectors[:5000]
+    small = vectors[:3000]
     for cfg in (BuildConfig(kind="ivf_pq", pq_m=8, pq_nbits=6, pq_refine=16, recall_k=10, nlist=32),
-                BuildConfig(kind="hnsw", hnsw_m=16, recall_k=10)):
+                BuildConfig(kind="hnsw", hnsw_m=8, recall_k=10)):
         r = build_index(small, cfg, queries=queries)
         assert _recall(r.index, queries, small, 10) >= 0.95, cfg.kind
 

@@ -123,7 +123,7 @@ def _rss_bytes() -> int:
 def test_destroyed_indexes_are_freed_and_their_proxies_drop_cleanly(config, tmp_path) -> None:
     from indexer._release import destroy_index
 
-    vecs = mixture_of_gaussians(6000, dim=64, n_clusters=20, seed=1)
+    vecs = mixture_of_gaussians(3000, dim=32, n_clusters=20, seed=1)
     built = build_index(vecs, BuildConfig(**{**config.__dict__, "recall_k": 5, "probe_queries": 20}))
     faiss.write_index(built.index, str(tmp_path / "i.faiss"))
     del built
