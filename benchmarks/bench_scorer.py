@@ -30,8 +30,8 @@ the rankings topic.
 
 * burst: ``--kafka-requests`` requests produced at once: requests/s from the first send
   to the last ranking read;
-* paced: requests at ``--rate``/s (default: half the in-process single-request rate, so
-  the loop is not saturated): end-to-end latency (request sent -> ranking read) p50/p99,
+* paced: requests at ``--rate``/s (default: half the burst throughput, so the loop is
+  not saturated): end-to-end latency (request sent -> ranking read) p50/p99,
   which includes kafka-python's fetch wait on both sides.
 
 On a shared machine wall-clock latencies include waiting for a core; the CPU time per
@@ -174,14 +174,14 @@ def bench_in_process(scorer: Scorer, reg: CollectorRegistry, reqs: list[ScoreReq
 
 
 def bench_kafka(settings: KafkaSettings, scorer: Scorer, users: list[Event], n_burst: int, n_paced: int,
-                rate: float, k: int) -> dict[str, Any]:
+                rate: float | None, k: int, commit_interval_s: float) -> dict[str, Any]:
     topics = Topics(prefix=f"bench{uuid.uuid4().hex[:8]}")
     ensure_topics(settings, {topics.requests: 4, topics.rankings: 4, topics.dead_letter: 1})
     group = f"{topics.prefix}-scorer"
     ec = open_event_consumer(settings, group, [topics.requests], topics.dead_letter, batch_size=256,
                              poll_timeout_s=0.05)
     loop = RequestConsumer(ec, make_producer(settings), scorer, topics=topics, score_batch=64, group_id=group,
-                           commit_interval_s=0.2)  # as towerstream serve
+                           commit_interval_s=commit_interval_s)
     thread = threading.Thread(target=loop.run, daemon=True)
     thread.start()
     reader = make_consumer(settings, None)
@@ -192,12 +192,17 @@ def bench_kafka(settings: KafkaSettings, scorer: Scorer, users: list[Event], n_b
     producer = make_producer(settings)
     sent: dict[str, float] = {}
     got: dict[str, float] = {}
+    reading = threading.Event()
 
-    def drain(want: int, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while len(got) < want and time.monotonic() < deadline:
+    def read() -> None:  # its own thread: receive times never wait for the sender
+        while not reading.is_set():
             for rec in reader.poll(1000, 0.05):
                 got.setdefault(rec.key.decode(), time.perf_counter())
+
+    def wait_for(prefix: str, want: int, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while sum(1 for rid in list(got) if rid.startswith(prefix)) < want and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def send(i: int, prefix: str) -> None:
         u = users[i % len(users)]
@@ -206,35 +211,37 @@ def bench_kafka(settings: KafkaSettings, scorer: Scorer, users: list[Event], n_b
         sent[e.request_id] = time.perf_counter()
         producer.send(topics.requests, encode_event(e), key=key_for_user(e.user_id))
 
+    reader_thread = threading.Thread(target=read, daemon=True)
+    reader_thread.start()
     try:
         # Warm-up: group join, first fetches.
         for i in range(20):
             send(i, "w")
         producer.flush()
-        drain(20, 60)
+        wait_for("w", 20, 60)
         # Burst: throughput.
-        got.clear()
         t0 = time.perf_counter()
         for i in range(n_burst):
             send(i, "b")
         producer.flush()
-        drain(20 + n_burst, 300)
-        burst = [t for rid, t in got.items() if rid.startswith("b")]
+        wait_for("b", n_burst, 300)
+        burst = [t for rid, t in list(got.items()) if rid.startswith("b")]
         burst_rps = len(burst) / (max(burst) - t0) if burst else 0.0
-        # Paced: latency.
-        got.clear()
+        # Paced: latency, below capacity (default: half the burst throughput).
+        rate = rate or max(1.0, 0.5 * burst_rps)
         interval = 1.0 / rate
         start = time.perf_counter()
         for i in range(n_paced):
-            while time.perf_counter() < start + i * interval:
-                for rec in reader.poll(1000, 0.0):
-                    got.setdefault(rec.key.decode(), time.perf_counter())
-                time.sleep(0.0005)
-            send(i, "p")
-            producer.flush()
-        drain(n_paced, 120)
-        lat = [got[rid] - sent[rid] for rid in got if rid.startswith("p")]
+            delay = start + i * interval - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            send(i, "p")  # the producer's 5 ms linger sends it; no flush per request
+        producer.flush()
+        wait_for("p", n_paced, 120)
+        lat = [got[rid] - sent[rid] for rid in list(got) if rid.startswith("p")]
     finally:
+        reading.set()
+        reader_thread.join(timeout=10)
         loop.stop()
         thread.join(timeout=30)
         ec.close()
@@ -262,7 +269,9 @@ def main() -> int:
     ap.add_argument("--kafka-requests", type=int, default=2000, help="burst size through Kafka")
     ap.add_argument("--paced-requests", type=int, default=500, help="paced requests through Kafka")
     ap.add_argument("--rate", type=float, default=None,
-                    help="paced request rate (requests/s; default: half the in-process single-request rate)")
+                    help="paced request rate (requests/s; default: half the measured burst throughput)")
+    ap.add_argument("--commit-interval", type=float, default=1.0,
+                    help="request loop flush+commit interval, seconds (towerstream serve's default 1.0)")
     ap.add_argument("--bootstrap", default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS"),
                     help="Kafka host:port (default: $KAFKA_BOOTSTRAP_SERVERS, else a LocalBroker)")
     ap.add_argument("--seed", type=int, default=0)
@@ -326,8 +335,8 @@ def main() -> int:
             row: dict[str, Any] = {"index": {"kind": built.kind, "params": dict(built.params),
                                              "recall": built.recall}, "in_process": r}
             if settings is not None:
-                rate = args.rate or max(1.0, 0.5 * s["rps"])
-                kr = bench_kafka(settings, scorer, users, args.kafka_requests, args.paced_requests, rate, args.k)
+                kr = bench_kafka(settings, scorer, users, args.kafka_requests, args.paced_requests, args.rate, args.k,
+                                 args.commit_interval)
                 b, p = kr["burst"], kr["paced"]
                 print(f"through Kafka, burst of {b['sent']}: {b['rps']:.0f} requests/s ({b['n']} rankings read)")
                 print(f"through Kafka, paced {p['rate']:.0f}/s (n={p['n']}): end-to-end p50 {p['p50_ms']:.1f} ms  "

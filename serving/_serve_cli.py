@@ -53,7 +53,9 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
                    help="also evaluate this learner online on served traffic (repeatable)")
     p.add_argument("--eval-window", type=float, default=60.0, help="seconds (event time) a click may trail its impression")
     p.add_argument("--score-batch", type=int, default=64, help="requests scored together")
-    p.add_argument("--commit-interval", type=float, default=0.2, dest="commit_interval_s",
+    p.add_argument("--checkpoint-poll", type=float, default=1.0, dest="checkpoint_poll_s", metavar="SECONDS",
+                   help="seconds between looks for a newer checkpoint (default 1)")
+    p.add_argument("--commit-interval", type=float, default=1.0, dest="commit_interval_s",
                    help="seconds between flush+commit of the request loop (0: after every batch)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch and FAISS threads (default 1: the towers are small, a single query does "
@@ -100,6 +102,7 @@ def _serve(args: argparse.Namespace) -> int:
         eval_group_id=args.eval_group, checkpoint_pattern=args.checkpoint_pattern,
         catalogue=args.catalogue, shadows=_shadows(args.shadow), eval_window_s=args.eval_window,
         score_batch=args.score_batch, commit_interval_s=args.commit_interval_s,
+        checkpoint_poll_s=args.checkpoint_poll_s,
         online_eval=not args.no_online_eval,
     )
     app = ServingApp(config)

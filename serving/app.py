@@ -100,7 +100,7 @@ class ServeConfig:
     shadows: Mapping[str, Path] = field(default_factory=dict)
     eval_window_s: float = 60.0
     score_batch: int = 64
-    commit_interval_s: float = 0.2
+    commit_interval_s: float = 1.0
     online_eval: bool = True
 
     def __post_init__(self) -> None:

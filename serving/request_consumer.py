@@ -383,7 +383,7 @@ def open_request_consumer(
     evaluator: OnlineEvaluator | None = None,
     batch_size: int = 256,
     score_batch: int = 64,
-    commit_interval_s: float = 0.2,
+    commit_interval_s: float = 1.0,
 ) -> RequestConsumer:
     """A :class:`RequestConsumer` subscribed to ``topics.requests`` in ``group_id``, with
     its own rankings producer. Close with :func:`close_loop`."""
