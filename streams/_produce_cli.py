@@ -18,7 +18,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Iterable, Protocol, Sequence
+from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 from streams.errors import ConfigError
 from streams.events import Event, encode_event
@@ -147,6 +147,9 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
                      help="drift every N events (default 100000; 0 = never)")
     sim.add_argument("--new-item-rate", type=float, default=None,
                      help="expected new items per event (default 0.0005)")
+    sim.add_argument("--truth-file", type=Path, default=None, metavar="PATH",
+                     help="write ground truth as JSON lines with wall-clock times: drift points and each "
+                          "new item's first impression")
     sim.set_defaults(func=_simulate)
 
     rep = sources.add_parser("replay", help="MovieLens ratings (ml-100k or ml-1m) in timestamp order")
@@ -172,7 +175,30 @@ def _simulate(args: argparse.Namespace) -> int:
     if args.drift_every is not None:
         overrides["drift_every"] = args.drift_every or None
     sim = ClickSimulator(SimulatorConfig(**overrides))
-    return _run(args, sim.events(max_events=args.events))
+    if args.truth_file is None:
+        return _run(args, sim.events(max_events=args.events))
+    with args.truth_file.open("w", buffering=1) as fh:
+        return _run(args, _with_truth(sim, sim.events(max_events=args.events), fh))
+
+
+def _with_truth(sim, events: Iterable[Event], fh) -> Iterator[Event]:
+    """Pass ``events`` through, writing drift points and new items' first impressions to
+    ``fh`` as JSON lines stamped with the wall-clock time they go out."""
+    import json
+
+    drifts_written, items_written = 0, set()
+    for n, event in enumerate(events):
+        while drifts_written < len(sim.drift_points) and sim.drift_points[drifts_written].event_count <= n:
+            d = sim.drift_points[drifts_written]
+            fh.write(json.dumps({"type": "drift", "wall_time": time.time(), "event_index": d.event_count,
+                                 "event_time": d.event_time}) + "\n")
+            drifts_written += 1
+        if event.kind == "impression" and event.item_id in sim.new_item_first_seen \
+                and event.item_id not in items_written:
+            items_written.add(event.item_id)
+            fh.write(json.dumps({"type": "new_item", "item_id": event.item_id, "wall_time": time.time(),
+                                 "event_time": event.event_time}) + "\n")
+        yield event
 
 
 def _replay(args: argparse.Namespace) -> int:

@@ -1,0 +1,875 @@
+"""``towerstream demo``: the whole pipeline, live, on one machine.
+
+:class:`Demo` starts a local Kafka broker (or uses an existing cluster), creates the
+topics, and runs every towerstream process as a child of its own:
+
+* the producer: the click simulator (drift and new items on, ground truth written to
+  ``truth.jsonl``) or a MovieLens replay, paced at ``rate`` events/s for ``duration_s``;
+* one ``towerstream learn`` per learner (ctr, lr, two-tower, inttower), each in its own
+  consumer group, checkpointing every 2 s;
+* ``towerstream index run`` on the IntTower checkpoint, building every 10 s (started
+  once that checkpoint exists);
+* ``towerstream serve`` answering the simulated requests (started once an index version
+  is published).
+
+Every child exports Prometheus metrics on its own port. Every ``refresh_s`` the demo
+scrapes them all, appends the scrape to ``timeseries.jsonl`` and redraws a table on
+stderr. When the producer is done (or on Ctrl-C / SIGTERM) it lets the learners catch
+up briefly, scrapes a last time, stops the children in dependency order (producer,
+scorer, indexer, learners: SIGTERM, wait, SIGKILL), stops the broker and writes the
+report (:mod:`serving.report`). Nothing is left running: the children live in their own
+process groups, die with the demo if it is killed (``PR_SET_PDEATHSIG``), and every pid
+and port is written to ``pids.json``.
+
+Run directory::
+
+    RUN/demo.json          configuration, children, ports, timings, outcome
+    RUN/pids.json          pids and ports of the demo and every child
+    RUN/timeseries.jsonl   one line per scrape: every towerstream_* sample per process
+    RUN/truth.jsonl        simulator ground truth: drift points, new items' first impressions
+    RUN/index_versions.jsonl, RUN/index_items.json   index versions seen, and the first
+                           version holding each item
+    RUN/ckpt/ RUN/index/ RUN/broker/ RUN/logs/   checkpoints, index store, broker data, child logs
+    RUN/report.md + *.png  the report
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, TextIO
+
+from streams.errors import ConfigError
+
+__all__ = ["DemoConfig", "Demo", "DEFAULT_RATE", "DEFAULT_DURATION_S", "sample_key", "parse_metrics",
+           "histogram_quantile"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_RATE = 1500.0
+DEFAULT_DURATION_S = 150.0
+LEARNERS: tuple[str, ...] = ("ctr", "lr", "two-tower", "inttower")
+
+
+def sample_key(name: str, labels: dict[str, str]) -> str:
+    """One sample's key in ``timeseries.jsonl``: Prometheus text syntax, labels sorted.
+
+    >>> sample_key("towerstream_prequential_auc", {"window": "all", "learner": "lr"})
+    'towerstream_prequential_auc{learner="lr",window="all"}'
+    >>> sample_key("towerstream_index_version", {})
+    'towerstream_index_version'
+    """
+    if not labels:
+        return name
+    return name + "{" + ",".join(f'{k}="{labels[k]}"' for k in sorted(labels)) + "}"
+
+
+def parse_metrics(text: str, prefix: str = "towerstream_") -> dict[str, float]:
+    """Flatten a ``/metrics`` page into ``{sample_key: value}`` (samples named ``prefix*`` only).
+
+    >>> parse_metrics('# TYPE towerstream_x_total counter\\ntowerstream_x_total{a="1"} 3.0\\npython_y 1\\n')
+    {'towerstream_x_total{a="1"}': 3.0}
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name.startswith(prefix) and not s.name.endswith("_created"):
+                out[sample_key(s.name, dict(s.labels))] = float(s.value)
+    return out
+
+
+def histogram_quantile(q: float, buckets: Iterable[tuple[float, float]]) -> float:
+    """Prometheus' ``histogram_quantile`` over cumulative ``(upper_bound, count)`` pairs.
+
+    Linear interpolation inside the bucket that holds the quantile; NaN without
+    observations; the largest finite bound when the quantile falls in ``+Inf``.
+
+    >>> histogram_quantile(0.5, [(0.001, 0), (0.002, 10), (float("inf"), 10)])
+    0.0015
+    """
+    pts = sorted(buckets)
+    if not pts or pts[-1][1] <= 0:
+        return math.nan
+    rank = q * pts[-1][1]
+    prev_bound, prev_count = 0.0, 0.0
+    for bound, count in pts:
+        if count >= rank:
+            if math.isinf(bound):
+                return prev_bound
+            if count == prev_count:
+                return bound
+            return prev_bound + (bound - prev_bound) * (rank - prev_count) / (count - prev_count)
+        prev_bound, prev_count = bound, count
+    return pts[-1][0]
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Settings of one demo run (see ``towerstream demo --help``).
+
+    Parameters
+    ----------
+    out
+        Run directory (created).
+    duration_s, rate
+        The producer runs ``duration_s`` seconds at ``rate`` events/s.
+    seed
+        Simulator seed.
+    replay
+        A MovieLens folder to replay instead of the simulator (bad lines skipped).
+    bootstrap_servers
+        An existing Kafka cluster; None launches a local broker under ``out/broker``.
+    report
+        Write ``report.md`` and the plots at the end.
+    learners, index_learner
+        Learners to run, and the one whose checkpoint is indexed and served.
+    index_period_s, checkpoint_every_s, refresh_s
+        Index build period, learner checkpoint period, scrape/table period.
+    drain_s
+        After the producer ends, wait at most this long for the learners to catch up.
+    drift_every, new_item_rate
+        Simulator dynamics; None: about 3 drifts and 200 new items over the run.
+    """
+
+    out: Path
+    duration_s: float = DEFAULT_DURATION_S
+    rate: float = DEFAULT_RATE
+    seed: int = 7
+    replay: Path | None = None
+    bootstrap_servers: str | None = None
+    report: bool = True
+    learners: tuple[str, ...] = LEARNERS
+    index_learner: str = "inttower"
+    index_period_s: float = 10.0
+    checkpoint_every_s: float = 2.0
+    refresh_s: float = 2.0
+    drain_s: float = 15.0
+    drift_every: int | None = None
+    new_item_rate: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.duration_s <= 0:
+            raise ConfigError(f"--duration must be > 0 seconds, got {self.duration_s}")
+        if self.rate <= 0:
+            raise ConfigError(f"--rate must be > 0 events/s, got {self.rate}")
+        if self.index_learner not in self.learners:
+            raise ConfigError(f"the indexed learner {self.index_learner!r} must be one of {self.learners}")
+        if self.replay is not None and not Path(self.replay).is_dir():
+            raise ConfigError(f"--replay {self.replay} is not a folder (an unzipped ml-100k or ml-1m)")
+
+    @property
+    def events_total(self) -> int:
+        return int(self.rate * self.duration_s)
+
+    @property
+    def sim_drift_every(self) -> int:
+        return self.drift_every if self.drift_every is not None else max(1, self.events_total // 3)
+
+    @property
+    def sim_new_item_rate(self) -> float:
+        if self.new_item_rate is not None:
+            return self.new_item_rate
+        return max(0.0005, 200.0 / max(self.events_total, 1))
+
+
+@dataclass
+class Child:
+    """One child process of the demo."""
+
+    name: str
+    cmd: list[str]
+    log: Path
+    port: int | None = None  # its /metrics port
+    proc: subprocess.Popen | None = None
+    started_at: float | None = None
+    ended_at: float | None = None
+    returncode: int | None = None
+    expected_exit: bool = False  # the demo asked it to stop (or it is the producer, done)
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.proc is None else self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def poll(self) -> int | None:
+        if self.proc is None:
+            return None
+        rc = self.proc.poll()
+        if rc is not None and self.returncode is None:
+            self.returncode, self.ended_at = rc, time.time()
+        return rc
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _child_setup() -> Callable[[], None] | None:
+    """A ``preexec_fn`` making the kernel SIGTERM the child when the demo dies (Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return None
+
+    def setup() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+    return setup
+
+
+def kafka_client(requested: str | None) -> str:
+    """The Kafka client of the children: ``requested`` if given, else confluent-kafka when it
+    is installed (librdkafka costs a fraction of kafka-python's CPU per record), else kafka-python."""
+    if requested:
+        return requested
+    try:
+        import confluent_kafka  # noqa: F401
+    except ImportError:
+        return "kafka-python"
+    return "confluent"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_listening(port: int, host: str = "127.0.0.1") -> bool:
+    """True when something accepts TCP connections on ``host:port``."""
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+class Demo:
+    """One demo run: :meth:`run` blocks until it is over and returns the exit status.
+
+    Parameters
+    ----------
+    config
+        The settings.
+    stream
+        Where the live table goes (stderr).
+    python
+        Interpreter of the child processes.
+    """
+
+    def __init__(self, config: DemoConfig, *, stream: TextIO | None = None, python: str = sys.executable) -> None:
+        self.config = config
+        self.out = Path(config.out).resolve()  # children run elsewhere (the broker in its data dir)
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.python = python
+        self.children: dict[str, Child] = {}
+        self.broker: Any = None
+        self._broker_pid: int | None = None
+        self.bootstrap: str | None = config.bootstrap_servers
+        self.prefix = "towerstream"
+        self.kafka_client = kafka_client(os.environ.get("TOWERSTREAM_KAFKA_CLIENT"))
+        self.ports: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._stop_reason: str | None = None
+        self._phase = "setup"
+        self._interruptible = False
+        self._t0 = time.time()
+        self._stream_t0: float | None = None
+        self._offsets: Any = None  # consumer used for end offsets
+        self._ts_fh: TextIO | None = None
+        self._last: dict[str, dict[str, float]] = {}
+        self._prev: tuple[float, dict[str, dict[str, float]]] | None = None
+        self._produced_prev: tuple[float, int] | None = None
+        self._table_lines = 0
+        self._last_print = 0.0
+        self._versions_seen: set[int] = set()
+        self._item_first: dict[str, list[float]] = {}  # item -> [version, published_at]
+        self._preexec = _child_setup()
+        self._learners_started = 0.0
+        self.scrape_timeout_s = 8.0
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="scrape")
+        self._cpu: dict[str, float] = {}
+        self.failures: list[str] = []
+
+    # ------------------------------------------------------------------ paths
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out / "ckpt"
+
+    @property
+    def index_root(self) -> Path:
+        return self.out / "index"
+
+    def ckpt(self, learner: str) -> Path:
+        return self.ckpt_dir / f"{learner}.ckpt"
+
+    # ------------------------------------------------------------------ signals
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self._stop.is_set():
+            self._stop_reason = f"{self._stop_reason}; {name} again"
+            return
+        self._stop_reason = f"{name} received"
+        self._stop.set()
+        if self._interruptible:
+            raise KeyboardInterrupt  # leave a blocking wait (broker start, topic creation)
+
+    def request_stop(self, reason: str = "stop requested") -> None:
+        """Stop the demo from another thread (as Ctrl-C does)."""
+        self._stop_reason = self._stop_reason or reason
+        self._stop.set()
+
+    # ------------------------------------------------------------------ run
+    def run(self) -> int:
+        """Run the demo to its end; 0 on a clean run, 1 when a child failed."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        for sub in ("ckpt", "logs", "index"):
+            (self.out / sub).mkdir(exist_ok=True)
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        logging.getLogger("kafka").setLevel(logging.ERROR)  # its event-loop warnings would break the table
+        self._t0 = time.time()
+        try:
+            try:
+                self._setup()
+                self._phase = "running"
+                self._loop()
+            except KeyboardInterrupt:
+                self._stop_reason = self._stop_reason or "interrupted"
+            finally:
+                self._phase = "stopping"
+                self._shutdown()
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+        self._write_summary()
+        if self.config.report:
+            from serving.report import write_report
+
+            path = write_report(self.out)
+            print(f"report: {path}", file=self.stream, flush=True)
+        return 1 if self.failures else 0
+
+    # ------------------------------------------------------------------ setup
+    def _setup(self) -> None:
+        cfg = self.config
+        print(f"towerstream demo: run directory {self.out}", file=self.stream, flush=True)
+        self._interruptible = True
+        try:
+            self._setup_kafka()
+        finally:
+            self._interruptible = False
+        for name in cfg.learners:
+            if self._stop.is_set():
+                return
+            port = self._port(name)
+            self._start(name, self._learner_cmd(name), port=port)
+        # The scorer waits for a checkpoint and an index by itself (holding requests until
+        # then); starting it now overlaps its start-up with everyone else's.
+        if not self._stop.is_set():
+            port = self._port("scorer")
+            self._start("scorer", self._scorer_cmd(), port=port)
+        self._learners_started = time.monotonic()
+
+    def _setup_kafka(self) -> None:
+        if self._stop.is_set():
+            raise KeyboardInterrupt
+        if self.bootstrap is None:
+            from streams.broker import BrokerConfig, LocalBroker
+
+            self.broker = LocalBroker(BrokerConfig.from_env(port=0, controller_port=0, data_dir=self.out / "broker"))
+            print("starting a local Kafka broker ...", file=self.stream, flush=True)
+            self.bootstrap = self.broker.start()
+            print(f"Kafka broker on {self.bootstrap} (pid {self.broker._proc.pid})", file=self.stream, flush=True)
+        else:
+            self.prefix = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+        self._write_pids()
+        from streams.topics import DEFAULT_PARTITIONS, Topics
+        from streams.transport import KafkaSettings, ensure_topics, make_consumer
+
+        settings = KafkaSettings.from_env(default_bootstrap=self.bootstrap)
+        settings = KafkaSettings(self.bootstrap, self.kafka_client, settings.options)
+        topics = Topics(prefix=self.prefix)
+        ensure_topics(settings, {topics.events: DEFAULT_PARTITIONS, topics.requests: DEFAULT_PARTITIONS,
+                                 topics.rankings: DEFAULT_PARTITIONS, topics.dead_letter: DEFAULT_PARTITIONS,
+                                 topics.index_control: 1})
+        self.topics = topics
+        self._offsets = make_consumer(settings, None)
+        self._partitions = self._topic_partitions([topics.events, topics.requests])
+        self._ts_fh = (self.out / "timeseries.jsonl").open("a", buffering=1)
+
+    def _topic_partitions(self, names: list[str]) -> list[Any]:
+        from streams.transport import TopicPartition
+
+        out = []
+        for t in names:
+            for p in self._offsets.partitions_for(t):
+                out.append(TopicPartition(t, p))
+        return out
+
+    def _port(self, name: str) -> int:
+        port = _free_port()
+        while port in self.ports.values():
+            port = _free_port()
+        self.ports[name] = port
+        return port
+
+    def _base(self, *args: str) -> list[str]:
+        return [self.python, "-m", "serving.cli", *args]
+
+    def _learner_cmd(self, name: str) -> list[str]:
+        return self._base("learn", "--learner", name, "--group", f"demo-{name}", "--checkpoint", str(self.ckpt(name)),
+                          "--checkpoint-every", f"{self.config.checkpoint_every_s:g}",
+                          "--bootstrap-servers", self.bootstrap, "--topic-prefix", self.prefix,
+                          "--no-create-topics", "--quiet", "--metrics-port", str(self.ports[name]))
+
+    def _producer_cmd(self) -> list[str]:
+        cfg = self.config
+        common = ["--bootstrap-servers", self.bootstrap, "--topic-prefix", self.prefix, "--rate", f"{cfg.rate:g}",
+                  "--duration", f"{cfg.duration_s:g}", "--no-create-topics", "--quiet"]
+        if cfg.replay is not None:
+            return self._base("produce", "replay", *common, "--path", str(cfg.replay), "--on-bad-line", "skip")
+        return self._base("produce", "simulate", *common, "--seed", str(cfg.seed),
+                          "--drift-every", str(cfg.sim_drift_every), "--new-item-rate", f"{cfg.sim_new_item_rate:g}",
+                          "--truth-file", str(self.out / "truth.jsonl"))
+
+    def _indexer_cmd(self) -> list[str]:
+        return self._base("index", "run", "--root", str(self.index_root),
+                          "--checkpoint", str(self.ckpt(self.config.index_learner)),
+                          "--period-s", f"{self.config.index_period_s:g}", "--keep", "100000", "--window", "5000",
+                          "--bootstrap", self.bootstrap, "--topic-prefix", self.prefix,
+                          "--metrics-port", str(self.ports["indexer"]))
+
+    def _scorer_cmd(self) -> list[str]:
+        return self._base("serve", "--checkpoint", str(self.ckpt(self.config.index_learner)),
+                          "--index-root", str(self.index_root), "--bootstrap", self.bootstrap,
+                          "--topic-prefix", self.prefix, "--host", "127.0.0.1", "--port", str(self.ports["scorer"]),
+                          "--group", "demo-scorer", "--eval-group", "demo-scorer-eval",
+                          # the scorer observes a batch's time for each request in it: small
+                          # batches keep that close to one request's latency
+                          "--score-batch", "16",
+                          # a reload costs the scorer more CPU than scoring a second's requests;
+                          # the index (the other half of an answer) moves every index period
+                          "--checkpoint-poll", f"{self.config.index_period_s:g}")
+
+    def _start(self, name: str, cmd: list[str], port: int | None = None) -> Child:
+        log = self.out / "logs" / f"{name}.log"
+        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+                   KAFKA_BOOTSTRAP_SERVERS=self.bootstrap or "", TOWERSTREAM_KAFKA_CLIENT=self.kafka_client)
+        repo = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        child = Child(name=name, cmd=cmd, log=log, port=port)
+        with log.open("ab") as fh:
+            child.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
+                                          env=env, cwd=repo, process_group=0, preexec_fn=self._preexec)
+        child.started_at = time.time()
+        self.children[name] = child
+        self._write_pids()
+        logger.info("started %s (pid %d): %s", name, child.pid, " ".join(cmd))
+        return child
+
+    def _write_pids(self) -> None:
+        if self.broker is not None and self.broker._proc is not None:
+            self._broker_pid = self.broker._proc.pid
+        if self.broker is not None and self.broker.config.port:  # resolved once started
+            self.ports.setdefault("broker", self.broker.config.port)
+            self.ports.setdefault("broker-controller", self.broker.config.controller_port)
+        data = {
+            "demo": os.getpid(),
+            "broker": self._broker_pid,
+            "children": {n: c.pid for n, c in self.children.items()},
+            "ports": dict(self.ports),
+            "bootstrap": self.bootstrap,
+        }
+        _write_json(self.out / "pids.json", data)
+
+    # ------------------------------------------------------------------ main loop
+    def _loop(self) -> None:
+        cfg = self.config
+        drain_until: float | None = None
+        next_tick = time.monotonic()
+        while True:
+            self._tick()
+            if self._stop.is_set():
+                break
+            producer = self.children.get("producer")
+            if producer is not None and producer.poll() is not None and drain_until is None:
+                producer.expected_exit = True
+                if producer.returncode != 0:
+                    self.failures.append(f"producer exited with {producer.returncode} (see {producer.log})")
+                    break
+                drain_until = time.monotonic() + cfg.drain_s
+            if producer is not None and drain_until is None and self._stream_t0 is not None \
+                    and time.time() - self._stream_t0 > cfg.duration_s + 60.0:
+                self._stop_reason = "the producer overran its duration by a minute"
+                break
+            if drain_until is not None and (time.monotonic() >= drain_until or self._caught_up()):
+                self._stop_reason = "the stream ended" + ("" if self._caught_up() else
+                                                          f"; learners still behind after {cfg.drain_s:g} s")
+                break
+            next_tick += cfg.refresh_s
+            self._stop.wait(max(0.0, next_tick - time.monotonic()))
+        self._final_scrape()
+
+    def _caught_up(self) -> bool:
+        for name in self.config.learners:
+            lag = _lag(self._last.get(name, {}))
+            if lag is None or lag > 0:
+                return False
+        return True
+
+    def _final_scrape(self) -> None:
+        self._tick(final=True)
+
+    def _tick(self, final: bool = False) -> None:
+        now = time.time()
+        self._check_children()
+        self._start_pending()
+        scraped: dict[str, dict[str, float]] = {}
+        up: dict[str, bool] = {}
+        targets = {n: c.port for n, c in self.children.items() if c.port is not None and c.alive()}
+        pages = dict(zip(targets, self._pool.map(self._scrape, targets.values()))) if targets else {}
+        for name, page in pages.items():
+            up[name] = page is not None
+            if page is not None:
+                scraped[name] = page
+                self._last[name] = page
+        produced = self._produced()
+        if self._stream_t0 is None and produced:
+            self._stream_t0 = now  # the first events are out (within one refresh)
+        self._poll_index()
+        self._read_cpu()
+        record = {"t": now, "elapsed": now - self._t0, "stream_elapsed": None if self._stream_t0 is None
+                  else now - self._stream_t0, "final": final, "produced": produced, "up": up,
+                  "cpu_s": dict(self._cpu), "metrics": scraped}
+        if self._ts_fh is not None:
+            self._ts_fh.write(json.dumps(record) + "\n")
+        self._render(now, produced, final)
+        self._prev = (now, {k: dict(v) for k, v in self._last.items()})
+
+    def _scrape(self, port: int) -> dict[str, float] | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=self.scrape_timeout_s) as resp:
+                return parse_metrics(resp.read().decode("utf-8"))
+        except (OSError, ValueError, urllib.error.URLError) as exc:
+            logger.debug("scrape of port %d failed: %s", port, exc)
+            return None
+
+    def _produced(self) -> int | None:
+        if self._offsets is None or not self._partitions:
+            return None
+        try:
+            ends = self._offsets.end_offsets(self._partitions)
+        except Exception as exc:  # noqa: BLE001 - a failed probe only blanks one table cell
+            logger.debug("end offsets failed: %s", exc)
+            return None
+        return int(sum(ends.values()))
+
+    def _check_children(self) -> None:
+        for name, child in self.children.items():
+            rc = child.poll()
+            if rc is not None and not child.expected_exit and name != "producer":
+                child.expected_exit = True  # report once
+                self.failures.append(f"{name} exited with {rc} during the run (see {child.log})")
+                print(f"\n{name} exited with {rc}; last lines of {child.log}:\n{_tail(child.log)}",
+                      file=self.stream, flush=True)
+
+    def _read_cpu(self) -> None:
+        """CPU seconds (user + system) of every live child and the broker, from /proc."""
+        pids = {n: c.pid for n, c in self.children.items() if c.alive()}
+        if self.broker is not None and self.broker._proc is not None and self.broker._proc.poll() is None:
+            pids["broker"] = self.broker._proc.pid
+        pids["demo"] = os.getpid()
+        tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        for name, pid in pids.items():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                self._cpu[name] = (int(fields[11]) + int(fields[12])) / tick
+            except (OSError, IndexError, ValueError):
+                continue
+
+    def _learners_up(self) -> bool:
+        """Every consumer started so far answers /metrics (or has died, which is reported)."""
+        return all(name in self._last or not c.alive() for name, c in self.children.items() if c.port is not None)
+
+    def _start_pending(self) -> None:
+        if self._stop.is_set() or self._phase != "running":
+            return
+        if "producer" not in self.children and (self._learners_up()
+                                                 or time.monotonic() - self._learners_started > 180.0):
+            self._start("producer", self._producer_cmd())
+        if "indexer" not in self.children and self.ckpt(self.config.index_learner).exists():
+            port = self._port("indexer")
+            self._start("indexer", self._indexer_cmd(), port=port)
+
+    def _poll_index(self) -> None:
+        versions = self.index_root / "versions"
+        if not versions.is_dir():
+            return
+        import numpy as np
+
+        for d in sorted(versions.iterdir()):
+            if not d.name.startswith("v") or not d.name[1:].isdigit():
+                continue
+            v = int(d.name[1:])
+            if v in self._versions_seen:
+                continue
+            try:
+                manifest = json.loads((d / "manifest.json").read_text())
+                ids = np.load(d / "ids.npy", allow_pickle=False)
+            except (OSError, ValueError) as exc:
+                logger.debug("index version %s not readable yet: %s", d, exc)
+                continue
+            self._versions_seen.add(v)
+            published = float(manifest.get("published_at") or manifest.get("created_at") or time.time())
+            new = 0
+            for item in ids.tolist():
+                if item not in self._item_first:
+                    self._item_first[item] = [v, published]
+                    new += 1
+            row = {"version": v, "published_at": published, "created_at": manifest.get("created_at"),
+                   "seen_at": time.time(), "item_count": int(manifest.get("item_count", len(ids))),
+                   "new_items": new, "recall": (manifest.get("recall") or {}).get("value"),
+                   "auc": (manifest.get("quality") or {}).get("auc"),
+                   "events_learned": (manifest.get("checkpoint") or {}).get("events_learned"),
+                   "build_seconds": (manifest.get("build_seconds") or {}).get("total")}
+            with (self.out / "index_versions.jsonl").open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+        _write_json(self.out / "index_items.json", self._item_first)
+
+    # ------------------------------------------------------------------ table
+    def _rate(self, name: str, key: str, now: float) -> float | None:
+        if self._prev is None:
+            return None
+        t_prev, prev = self._prev
+        a, b = prev.get(name, {}).get(key), self._last.get(name, {}).get(key)
+        if a is None or b is None or now <= t_prev:
+            return None
+        return max(0.0, (b - a) / (now - t_prev))
+
+    def _render(self, now: float, produced: int | None, final: bool) -> None:
+        cfg = self.config
+        if not final and not self.tty and now - self._last_print < 10.0:
+            return
+        self._last_print = now
+        lines = []
+        el = 0.0 if self._stream_t0 is None else now - self._stream_t0
+        if produced is not None:
+            rate = "-"
+            if self._produced_prev is not None and now > self._produced_prev[0]:
+                rate = f"{(produced - self._produced_prev[1]) / (now - self._produced_prev[0]):,.0f}/s"
+            self._produced_prev = (now, produced)
+            prod = f"produced {produced:,} events ({rate})"
+        else:
+            prod = "produced -"
+        lines.append(f"towerstream demo  {el:5.0f} s / {cfg.duration_s:g} s  {prod}  "
+                     f"target {cfg.rate:g}/s  kafka {self.bootstrap}{'  [final]' if final else ''}")
+        lines.append(f"  {'learner':<10} {'learned':>10} {'ev/s':>7} {'lag':>8} {'AUC':>7} {'rolling':>7} "
+                     f"{'logloss':>7}  state")
+        for name in cfg.learners:
+            m = self._last.get(name, {})
+            lbl = {"learner": name}
+            learned = m.get(sample_key("towerstream_model_events_learned", lbl))
+            r = self._rate(name, sample_key("towerstream_events_learned_total", lbl), now)
+            lag = _lag(m)
+            auc = m.get(sample_key("towerstream_prequential_auc", {**lbl, "window": "all"}))
+            roll = m.get(sample_key("towerstream_prequential_auc", {**lbl, "window": "rolling"}))
+            ll = m.get(sample_key("towerstream_prequential_logloss", {**lbl, "window": "all"}))
+            lines.append(f"  {name:<10} {_f(learned, ',.0f'):>10} {_f(r, ',.0f'):>7} {_f(lag, ',.0f'):>8} "
+                         f"{_f(auc, '.4f'):>7} {_f(roll, '.4f'):>7} {_f(ll, '.4f'):>7}  {self._state(name)}")
+        m = self._last.get("indexer", {})
+        lines.append(f"  index      version {_f(m.get('towerstream_index_version'), '.0f')}  "
+                     f"age {_f(m.get('towerstream_index_age_seconds'), '.0f')} s  "
+                     f"items {_f(m.get('towerstream_index_items'), ',.0f')}  "
+                     f"builds {_f(m.get('towerstream_index_builds_total'), '.0f')} "
+                     f"(refused {_f(m.get('towerstream_index_refused_builds_total'), '.0f')}, "
+                     f"failed {_f(m.get('towerstream_index_failed_builds_total'), '.0f')})  {self._state('indexer')}")
+        m = self._last.get("scorer", {})
+        ok = m.get(sample_key("towerstream_requests_total", {"source": "kafka", "outcome": "ok"}))
+        total = sum(v for k, v in m.items() if k.startswith("towerstream_requests_total")) if m else None
+        p99 = histogram_quantile(0.99, latency_buckets(m)) if m else math.nan
+        online_key = sample_key("towerstream_online_auc", {"learner": cfg.index_learner})
+        lines.append(f"  scorer     answered {_f(ok, ',.0f')} of {_f(total, ',.0f')} requests  "
+                     f"p99 {_f(p99 * 1e3 if not math.isnan(p99) else None, '.1f')} ms  "
+                     f"index v{_f(m.get('towerstream_index_version'), '.0f')}  "
+                     f"online AUC {_f(m.get(online_key), '.4f')}"
+                     f"  {self._state('scorer')}")
+        if self.tty and self._table_lines:
+            self.stream.write(f"\x1b[{self._table_lines}A\x1b[J")
+        self.stream.write("\n".join(lines) + "\n")
+        self.stream.flush()
+        self._table_lines = len(lines) if self.tty else 0
+
+    def _state(self, name: str) -> str:
+        child = self.children.get(name)
+        if child is None:
+            return "waiting"
+        if child.alive():
+            return "running" if name in self._last or child.port is None else "starting"
+        return f"exited {child.returncode}"
+
+    # ------------------------------------------------------------------ shutdown
+    def _shutdown(self) -> None:
+        # the source first, then what reads the learners' checkpoints, then the learners
+        for group in (("producer",), ("scorer", "indexer"), tuple(self.config.learners)):
+            self._stop_group([self.children[n] for n in group if n in self.children])
+        if self._offsets is not None:
+            try:
+                self._offsets.close()
+            except Exception as exc:  # noqa: BLE001 - closing must go on to the broker
+                logger.warning("closing the offsets consumer failed: %s", exc)
+            self._offsets = None
+        if self._ts_fh is not None:
+            self._ts_fh.close()
+            self._ts_fh = None
+        self._pool.shutdown(wait=True)
+        if self.broker is not None:
+            print("stopping the Kafka broker ...", file=self.stream, flush=True)
+            self.broker.stop()
+        self._write_pids()
+        still = [p for p in self.ports.values() if port_listening(p)]
+        if still:
+            logger.warning("ports still listening after shutdown: %s", still)
+
+    def _stop_group(self, group: list[Child], timeout_s: float = 30.0) -> None:
+        live = [c for c in group if c.alive()]
+        for c in live:
+            c.expected_exit = True
+            try:
+                os.kill(c.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + timeout_s
+        for c in live:
+            try:
+                c.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                print(f"{c.name} (pid {c.pid}) did not stop within {timeout_s:g} s: SIGKILL", file=self.stream)
+                try:
+                    os.killpg(c.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                c.proc.wait(timeout=10)
+            c.poll()
+        for c in group:
+            c.poll()
+            # a process group may hold grandchildren: make sure none survives
+            try:
+                os.killpg(c.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError, TypeError):
+                pass
+
+    def _write_summary(self) -> None:
+        cfg = self.config
+        data = {
+            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+            "mode": "replay" if cfg.replay is not None else "simulator",
+            "drift_every": None if cfg.replay is not None else cfg.sim_drift_every,
+            "new_item_rate": None if cfg.replay is not None else cfg.sim_new_item_rate,
+            "bootstrap": self.bootstrap,
+            "local_broker": self.broker is not None,
+            "kafka_client": self.kafka_client,
+            "topic_prefix": self.prefix,
+            "started_at": self._t0,
+            "stream_started_at": self._stream_t0,
+            "ended_at": time.time(),
+            "wall_s": time.time() - self._t0,
+            "stop_reason": self._stop_reason,
+            "failures": self.failures,
+            "children": {n: {"pid": c.pid, "cmd": c.cmd, "returncode": c.returncode, "started_at": c.started_at,
+                             "ended_at": c.ended_at, "port": c.port, "log": str(c.log)}
+                         for n, c in self.children.items()},
+            "ports": self.ports,
+            "machine": machine_info(),
+        }
+        _write_json(self.out / "demo.json", data)
+        print(f"demo over after {data['wall_s']:.0f} s ({self._stop_reason}); "
+              f"{'failures: ' + '; '.join(self.failures) if self.failures else 'no failures'}",
+              file=self.stream, flush=True)
+
+
+def latency_buckets(metrics: dict[str, float], stage: str = "total") -> list[tuple[float, float]]:
+    """``(upper_bound, cumulative count)`` of the scorer's latency histogram in a scrape."""
+    out = []
+    head = "towerstream_score_latency_seconds_bucket{"
+    for k, v in metrics.items():
+        if k.startswith(head) and f'stage="{stage}"' in k:
+            le = k.split('le="', 1)[1].split('"', 1)[0]
+            out.append((float(le), v))
+    return sorted(out)
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, cores, memory, and the versions that matter (for reports)."""
+    import platform
+
+    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
+                            "cores": os.cpu_count()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                info["memory_gib"] = round(int(line.split()[1]) / 2**20, 1)
+                break
+    except OSError:
+        pass
+    try:
+        info["load_avg"] = os.getloadavg()
+    except OSError:
+        pass
+    from importlib import metadata
+
+    for pkg in ("torch", "faiss-cpu", "numpy", "kafka-python", "confluent-kafka", "prometheus-client", "river"):
+        try:
+            info[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            info[pkg] = None
+    return info
+
+
+def _lag(metrics: dict[str, float]) -> float | None:
+    """Consumer lag summed over topics in one scrape; None before it was measured."""
+    vals = [v for k, v in metrics.items() if k.startswith("towerstream_consumer_lag_records")]
+    return float(sum(vals)) if vals else None
+
+
+def _f(value: float | None, spec: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return format(value, spec)
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"

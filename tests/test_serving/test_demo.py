@@ -1,0 +1,205 @@
+"""``towerstream demo`` end to end: a real broker, every process, the report, and nothing left behind.
+
+Each test runs the real command in a subprocess with its own local Kafka broker (so the
+port check covers the broker too), then reads what the run directory says: the report
+and its plots, the scrapes in ``timeseries.jsonl``, and ``pids.json`` (every child pid
+and every port the demo used), and checks that no child survived and no port still
+listens. The second test stops a demo with SIGINT while it runs.
+
+Unit tests of the pure helpers (metrics parsing, histogram quantiles, the ordering
+check) sit at the end and need no broker.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from serving.demo import histogram_quantile, parse_metrics, sample_key
+from serving.report import ordering
+
+REPO = Path(__file__).resolve().parents[2]
+LEARNERS = ("ctr", "lr", "two-tower", "inttower")
+PLOTS = ("auc.png", "throughput.png", "freshness.png", "latency.png", "index_versions.png")
+
+
+def _demo_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("KAFKA_BOOTSTRAP_SERVERS", None)  # the demo must launch (and stop) its own broker
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie still answers kill(0): it is dead for our purpose only if reaped by its parent
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _assert_nothing_left(run: Path) -> dict:
+    pids = json.loads((run / "pids.json").read_text())
+    children = {name: pid for name, pid in pids["children"].items() if pid}
+    if pids.get("broker"):
+        children["broker"] = pids["broker"]
+    assert set(LEARNERS) <= set(children), f"learners missing from pids.json: {children}"
+    assert "broker" in children, "the demo should have launched its own broker"
+    alive = {name: pid for name, pid in children.items() if _alive(pid)}
+    assert not alive, f"still running after the demo exited: {alive}"
+    ports = pids["ports"]
+    assert {"broker", *LEARNERS} <= set(ports), f"ports missing from pids.json: {ports}"
+    listening = {name: p for name, p in ports.items() if _listening(p)}
+    assert not listening, f"still listening after the demo exited: {listening}"
+    return pids
+
+
+def _timeseries(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "timeseries.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _auc_samples(rows: list[dict], learner: str) -> list[float]:
+    key = sample_key("towerstream_prequential_auc", {"learner": learner, "window": "all"})
+    return [r["metrics"][learner][key] for r in rows if key in r["metrics"].get(learner, {})]
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_demo_runs_reports_and_leaves_nothing_running(tmp_path, local_broker_config):
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "serving.cli", "demo", "--duration", "40", "--rate", "500", "--out", str(run)],
+        cwd=REPO, env=_demo_env(), capture_output=True, text=True, timeout=420,
+    )
+    assert proc.returncode == 0, f"demo failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
+
+    report = run / "report.md"
+    assert report.is_file() and report.stat().st_size > 0
+    text = report.read_text()
+    for name in PLOTS:
+        png = run / name
+        assert png.is_file() and png.stat().st_size > 1000, f"{name} missing or empty"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{name} is not a PNG"
+        assert f"({name})" in text, f"the report does not show {name}"
+
+    rows = _timeseries(run)
+    assert len(rows) >= 5, "the demo should have scraped every couple of seconds"
+    for learner in LEARNERS:
+        aucs = _auc_samples(rows, learner)
+        assert aucs, f"no prequential AUC sample of {learner} in timeseries.jsonl"
+        assert all(0.0 <= a <= 1.0 for a in aucs)
+        assert learner in text
+
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["produced_events"] and summary["produced_events"] > 0
+    assert [o["claim"] for o in summary["ordering"]] == ["two-tower > lr", "lr > ctr", "inttower >= two-tower"]
+    truth = [json.loads(line) for line in (run / "truth.jsonl").read_text().splitlines()]
+    assert any(r["type"] == "drift" for r in truth), "a 40 s run at 500/s should pass a drift point"
+    _assert_nothing_left(run)
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_demo_stops_cleanly_on_sigint(tmp_path, local_broker_config):
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serving.cli", "demo", "--duration", "300", "--rate", "500", "--out", str(run),
+         "--no-report"],
+        cwd=REPO, env=_demo_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        # interrupt while everything runs: the producer starts once every learner answers
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            pids_file = run / "pids.json"
+            if pids_file.is_file() and "producer" in json.loads(pids_file.read_text())["children"]:
+                break
+            assert proc.poll() is None, f"demo exited early:\n{proc.stdout.read()[-4000:]}"
+            time.sleep(0.5)
+        else:
+            pytest.fail("the demo did not start its producer within 240 s")
+        time.sleep(5)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, f"demo did not stop cleanly ({proc.returncode}):\n{out[-4000:]}"
+    assert "SIGINT" in json.loads((run / "demo.json").read_text())["stop_reason"]
+    assert not (run / "report.md").exists()  # --no-report
+    _assert_nothing_left(run)
+
+
+# --------------------------------------------------------------------------- helpers (no broker)
+
+
+def test_parse_metrics_keeps_towerstream_samples_with_sorted_labels():
+    text = (
+        "# HELP towerstream_prequential_auc AUC.\n# TYPE towerstream_prequential_auc gauge\n"
+        'towerstream_prequential_auc{window="all",learner="lr"} 0.75\n'
+        "# HELP process_cpu_seconds_total CPU.\n# TYPE process_cpu_seconds_total counter\n"
+        "process_cpu_seconds_total 3.0\n"
+    )
+    assert parse_metrics(text) == {'towerstream_prequential_auc{learner="lr",window="all"}': 0.75}
+
+
+def test_histogram_quantile_interpolates_inside_the_bucket():
+    buckets = [(0.001, 50.0), (0.002, 90.0), (0.005, 100.0), (math.inf, 100.0)]
+    # rank 99 of 100 lies in (0.002, 0.005], 9 of its 10 observations in
+    assert histogram_quantile(0.99, buckets) == pytest.approx(0.002 + 0.003 * 0.9)
+    assert histogram_quantile(0.5, buckets) == pytest.approx(0.001)
+    assert math.isnan(histogram_quantile(0.99, [(0.001, 0.0), (math.inf, 0.0)]))
+    # beyond the last finite bound: the bound itself, as Prometheus does
+    assert histogram_quantile(0.99, [(0.001, 1.0), (math.inf, 10.0)]) == 0.001
+
+
+def test_ordering_reports_each_claim_as_it_came_out():
+    learners = {"ctr": {"auc": 0.60}, "lr": {"auc": 0.75}, "two-tower": {"auc": 0.74}, "inttower": {"auc": 0.74}}
+    got = {o["claim"]: o["held"] for o in ordering(learners)}
+    assert got == {"two-tower > lr": False, "lr > ctr": True, "inttower >= two-tower": True}
+    missing = ordering({"ctr": {"auc": 0.6}, "lr": {"auc": None}})
+    assert missing == [{"claim": "lr > ctr", "left": None, "right": 0.6, "held": None}]
+
+
+def test_bench_discovers_scripts_and_renders_each_output(tmp_path):
+    import datetime as dt
+
+    from serving.bench import BenchResult, discover, render_markdown
+
+    for name in ("bench_a.py", "bench_b.py", "_helper.py", "notes.txt"):
+        (tmp_path / name).write_text("print('x')\n")
+    assert [p.name for p in discover(tmp_path)] == ["bench_a.py", "bench_b.py"]
+    assert [p.name for p in discover(tmp_path, only=["b"])] == ["bench_b.py"]
+    with pytest.raises(Exception, match="no benchmark named zzz"):
+        discover(tmp_path, only=["zzz"])
+    results = [BenchResult("bench_a", ("python", "bench_a.py"), 0, 1.5, "rate 123 events/s\n"),
+               BenchResult("bench_b", ("python", "bench_b.py", "--runs", "1"), 3, 2.0, "Traceback: boom\n")]
+    md = render_markdown(results, {"cpu": "Test CPU", "cores": 2, "torch": "9.9"}, dt.datetime(2026, 1, 2), True)
+    assert "| CPU | Test CPU |" in md and "| torch | 9.9 |" in md and "2026-01-02" in md
+    assert "rate 123 events/s" in md and "Traceback: boom" in md
+    assert "| bench_b | 3 |" in md
