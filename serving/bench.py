@@ -30,6 +30,7 @@ QUICK_ARGS: dict[str, list[str]] = {
     "bench_index": ["--sizes", "20000", "--runs", "1", "--swaps", "5", "--probe", "200", "--eval", "200",
                     "--single-queries", "200", "--batch", "64"],
     "bench_kafka": ["--events", "20000", "--runs", "1", "--runtime-events", "5000"],
+    "bench_learners": ["--events", "50000", "--river-events", "5000", "--runs", "1"],
     "bench_two_tower": ["--events", "8192", "--runs", "1", "--items", "20000", "--batches", "256,1024"],
     "bench_scorer": ["--items", "20000", "--requests", "300", "--train-events", "5000", "--kafka-requests", "300",
                      "--paced-requests", "100"],

@@ -9,8 +9,15 @@ topics, and runs every towerstream process as a child of its own:
   consumer group, checkpointing every 2 s;
 * ``towerstream index run`` on the IntTower checkpoint, building every 10 s (started
   once that checkpoint exists);
-* ``towerstream serve`` answering the simulated requests (started once an index version
-  is published).
+* ``towerstream serve`` answering the simulated requests (started with the learners; it
+  holds requests until a checkpoint and an index version exist).
+
+The producer starts once every learner and the scorer answer on their metrics port, so
+the stream does not pile up behind slow start-ups (torch imports).
+
+Children use confluent-kafka when it is installed (``TOWERSTREAM_KAFKA_CLIENT`` wins):
+kafka-python costs several times its CPU per record, which a 2-core machine running
+eight processes cannot spare.
 
 Every child exports Prometheus metrics on its own port. Every ``refresh_s`` the demo
 scrapes them all, appends the scrape to ``timeseries.jsonl`` and redraws a table on
@@ -474,8 +481,8 @@ class Demo:
                           # the scorer observes a batch's time for each request in it: small
                           # batches keep that close to one request's latency
                           "--score-batch", "16",
-                          # a reload costs the scorer more CPU than scoring a second's requests;
-                          # the index (the other half of an answer) moves every index period
+                          # each reload unpickles and rebuilds the model on the CPU the requests
+                          # need; the index (the other half of an answer) moves every period anyway
                           "--checkpoint-poll", f"{self.config.index_period_s:g}")
 
     def _start(self, name: str, cmd: list[str], port: int | None = None) -> Child:
@@ -523,6 +530,7 @@ class Demo:
                 producer.expected_exit = True
                 if producer.returncode != 0:
                     self.failures.append(f"producer exited with {producer.returncode} (see {producer.log})")
+                    self._stop_reason = "the producer failed"
                     break
                 drain_until = time.monotonic() + cfg.drain_s
             if producer is not None and drain_until is None and self._stream_t0 is not None \

@@ -71,14 +71,30 @@ class RunData:
         return {}
 
     def series(self, process: str, key: str) -> tuple[np.ndarray, np.ndarray]:
-        """(stream seconds, values) of one sample over the run."""
+        """(stream seconds, values) of one sample over the run (an AUC outside [0, 1], which
+        cannot be, is left out: :func:`invalid_auc_samples` counts those)."""
         ts, vs = [], []
         for s in self.samples:
             v = s.get("metrics", {}).get(process, {}).get(key)
-            if v is not None and not math.isnan(v):
+            if v is not None and not math.isnan(v) and not (_is_auc(key) and not 0.0 <= v <= 1.0):
                 ts.append(s["t"] - self.t0)
                 vs.append(v)
         return np.asarray(ts), np.asarray(vs)
+
+
+def _is_auc(key: str) -> bool:
+    return key.startswith(("towerstream_prequential_auc", "towerstream_online_auc"))
+
+
+def invalid_auc_samples(run: RunData) -> dict[str, list[float]]:
+    """Scraped AUC values outside [0, 1], per process: a metric read while it was being updated."""
+    out: dict[str, list[float]] = {}
+    for s in run.samples:
+        for process, m in s.get("metrics", {}).items():
+            for k, v in m.items():
+                if _is_auc(k) and v is not None and not math.isnan(v) and not 0.0 <= v <= 1.0:
+                    out.setdefault(process, []).append(v)
+    return out
 
 
 def _jsonl(path: Path) -> list[dict[str, Any]]:
@@ -216,6 +232,7 @@ def summarize(run: RunData) -> dict[str, Any]:
         "ordering_matched": ordering(learners, key="auc_matched"),
         "cpu": cpu_usage(run, produced_total),
         "drifts": run.drifts,
+        "invalid_auc_samples": invalid_auc_samples(run),
         "freshness": {k: v for k, v in freshness(run).items() if k not in ("seconds", "steady_seconds")},
         "index": {
             "versions_published": versions_published(run),
@@ -377,18 +394,22 @@ def plot_auc(run: RunData, path: Path) -> None:
         ax.plot(t, v, color=c, linewidth=2, label=f"{name} rolling")
         t, v = run.series(name, all_key)
         ax.plot(t, v, color=c, linewidth=1, linestyle="--", alpha=0.7, label=f"{name} cumulative")
-        pts = []
+        pts_r: list[tuple[float, float]] = []
+        pts_a: list[tuple[float, float]] = []
         for smp in run.samples:
             m = smp.get("metrics", {}).get(name, {})
             n = m.get(sample_key("towerstream_model_events_learned", lbl))
-            if n is not None and m.get(roll_key) is not None:
-                pts.append((n, m[roll_key], m.get(all_key)))
-        if pts:
-            n, r, a = zip(*pts)
-            ax2.plot(n, r, color=c, linewidth=2, label=f"{name} rolling")
-            ax2.plot(n, a, color=c, linewidth=1, linestyle="--", alpha=0.7, label=f"{name} cumulative")
+            for key, out in ((roll_key, pts_r), (all_key, pts_a)):
+                v = m.get(key)
+                if n is not None and v is not None and 0.0 <= v <= 1.0:
+                    out.append((n, v))
+        for pts, style in ((pts_r, {"linewidth": 2, "label": f"{name} rolling"}),
+                           (pts_a, {"linewidth": 1, "linestyle": "--", "alpha": 0.7, "label": f"{name} cumulative"})):
+            if pts:
+                n, v = zip(*pts)
+                ax2.plot(n, v, color=c, **style)
     _mark_drifts(ax, run.drifts)
-    share = _impression_share(run)
+    share = _impression_share(run) if run.drifts else None
     if share:
         _mark_drifts(ax2, [r["event_index"] * share for r in run.truth if r.get("type") == "drift"])
     ax.set_xlabel("seconds since the stream started (wall clock, scrape time)")
@@ -397,6 +418,10 @@ def plot_auc(run: RunData, path: Path) -> None:
     ax.legend(loc="lower right", fontsize=7, ncol=2)
     ax2.set_xlabel("impressions learned by the learner (a lagging learner is further left)")
     ax2.set_ylabel("prequential ROC AUC")
+    bad = sum(len(v) for v in invalid_auc_samples(run).values())
+    if bad:
+        fig.text(0.01, 0.005, f"{bad} scraped AUC value(s) outside [0, 1] left out (see the report)", fontsize=7,
+                 color="crimson")
     ax2.set_title("The same against each learner's own position in the stream" +
                   (" (drift positions approximate)" if share else ""))
     ax2.legend(loc="lower right", fontsize=7, ncol=2)
@@ -607,6 +632,13 @@ def _markdown(run: RunData, s: dict[str, Any]) -> str:
     if s["drifts"]:
         lines += [f"Drift points (red dotted lines): {', '.join(f'{d:.0f} s' for d in s['drifts'])} after the "
                   "stream started.", ""]
+    bad = s.get("invalid_auc_samples") or {}
+    if bad:
+        lines += ["**Data warning:** some scrapes returned an AUC outside [0, 1], which no AUC can be ("
+                  + "; ".join(f"{p}: {len(v)} sample(s), e.g. {v[0]:.4f}" for p, v in bad.items())
+                  + "). They are left out of the plots. A scrape reads the learner's metrics from the HTTP thread "
+                    "while the learner thread updates them, so a snapshot can mix two states; the final numbers "
+                    "above come from the last scrape and may carry the same error.", ""]
     lines += ["![prequential AUC](auc.png)", "", "![throughput](throughput.png)", ""]
     f = s["freshness"]
     lines += ["## Index freshness", ""]
@@ -641,6 +673,8 @@ def _markdown(run: RunData, s: dict[str, Any]) -> str:
             online = (f"No online AUC: none of the {_n(sc['not_served'], ',.0f')} impressions showed a ranking the "
                       "scorer served (the simulator draws its own slates; it does not read the rankings topic).")
         outcomes = ", ".join(f"{k}: {v:,.0f}" for k, v in sorted(sc["requests"].items())) or "none"
+        if not sc["requests"] and s["mode"] == "replay":
+            outcomes += " (a MovieLens replay carries no request events: nothing came for the scorer to answer)"
         lines += [f"Requests by source and outcome: {outcomes}. Latency per request (total stage, from the "
                   f"histogram at the end, {_n(sc['observations'], ',.0f')} requests; each request observes the time "
                   f"of the batch it was scored in): p50 {'> ' if sc['p50_beyond_buckets'] else ''}"
