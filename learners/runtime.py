@@ -216,6 +216,7 @@ class StreamLearnerRuntime:
 
             metrics = PrequentialMetrics()
         self.metrics = metrics
+        self._metrics_lock = threading.Lock()
         self.clock = clock
         self.wall_clock = wall_clock
         self.max_events = max_events
@@ -380,7 +381,8 @@ class StreamLearnerRuntime:
         if imps:
             xs = [event_to_x(e) for e in imps]
             ys = np.fromiter((e.label for e in imps), dtype=np.int64, count=len(imps))
-            prequential_step(self.learner, xs, ys, self.metrics)
+            with self._metrics_lock:  # stats() may be read from a metrics-scrape thread
+                prequential_step(self.learner, xs, ys, self.metrics)
         return len(imps)
 
     def run(self) -> RuntimeStats:
@@ -487,5 +489,9 @@ class StreamLearnerRuntime:
             checkpoints=self._checkpoints,
             last_checkpoint_at=self._last_checkpoint_wall,
             elapsed_s=elapsed,
-            metrics=metrics_summary(self.metrics),
+            metrics=self._metrics_snapshot(),
         )
+
+    def _metrics_snapshot(self) -> dict[str, Any]:
+        with self._metrics_lock:
+            return metrics_summary(self.metrics)
