@@ -120,6 +120,11 @@ class BrokerConfig:
     stop_timeout_s: float = 30.0
     java_opts: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        # The broker runs with its own working directory: a relative data dir would point
+        # elsewhere for it, so every path is made absolute here, once.
+        object.__setattr__(self, "data_dir", Path(self.data_dir).expanduser().resolve())
+
     @property
     def bootstrap(self) -> str:
         """``host:port`` for Kafka clients."""
