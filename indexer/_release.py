@@ -1,20 +1,22 @@
-"""Free a retired index without holding the GIL.
+"""Free a retired index without stalling the query threads.
 
 Dropping the last reference to a large FAISS index runs its C++ destructor from
-Python's deallocator, with the GIL held: for 1M x 64-d vectors that is 30-110 ms on 2
-cores, during which every query thread stalls (measured: a spinning Python thread makes
-~8 % of its normal progress during such a ``del``; the swap-pause target is 1 ms). So
-the reaper frees retired handles differently:
+Python's deallocator with the GIL held, and the kernel work of unmapping hundreds of
+megabytes blocks the other threads too: at 1M x 64-d vectors a plain ``del`` stalled a
+concurrent query by 10-37 ms (median / p90, ``benchmarks/bench_index.py``'s probe; the
+swap-pause target is 1 ms). Deleting the index in C++ with the GIL released alone does
+not help (14 / 36 ms): the cost is the page freeing. So the reaper
 
-* a FAISS index is handed to a throw-away ``IndexShards`` that owns it, and
-  ``remove_shard`` deletes it in C++; FAISS's SWIG wrappers release the GIL around that
-  call (the spinning thread keeps ~50-70 % of its progress, the rest being CPU
-  contention on 2 cores);
-* a numpy id map's pages go back to the kernel with ``madvise(MADV_DONTNEED)`` (a
-  ``ctypes`` call, which releases the GIL); freeing the emptied buffer is then cheap.
+* first gives the pages of the big buffers (vectors, inverted lists, HNSW graph, the
+  numpy id map) back with ``madvise(MADV_DONTNEED)`` (``ctypes`` calls release the GIL,
+  and madvise takes the address-space lock for reading only), a few lists at a time
+  with real sleeps in between so a waiting query thread gets the GIL at once;
+* then hands the emptied index to a throw-away ``IndexShards`` whose ``remove_shard``
+  deletes it in C++ (FAISS's wrappers release the GIL around the call).
 
-Only call these on objects no one can reach any more: the index proxy is left
-dangling, the array's contents are gone.
+Measured the same way: 1.7 / 5.5 ms (median / p90) on the shared 2-core machine, the
+reap itself taking ~130 ms of background time. Only call these on objects no one can
+reach any more: the index proxy is left dangling, the contents are gone.
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ import ctypes
 import logging
 import mmap
 import sys
+import time
 from typing import Any
 
 import faiss
 import numpy as np
 
-__all__ = ["destroy_index", "release_array_memory"]
+__all__ = ["destroy_index", "drop_index_pages", "release_array_memory"]
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +75,73 @@ def release_array_memory(array: np.ndarray) -> int:
     return _drop_pages(array.ctypes.data, array.nbytes)
 
 
+def _vector_pages(vector: Any, itemsize: int) -> int:
+    n = int(vector.size())
+    if n == 0:
+        return 0
+    view = faiss.rev_swig_ptr(vector.data(), n)
+    return _drop_pages(view.ctypes.data, n * itemsize)
+
+
+def _list_pages(index: faiss.IndexIVF, chunk: int, pause_s: float) -> int:
+    """Drop the pages of every inverted list (codes and ids), ``chunk`` lists at a time
+    with a real sleep between chunks. A Python loop that only drops the GIL inside
+    ``madvise`` would take it straight back each time and make a query thread wait a
+    whole switch interval (5 ms); the sleeps hand the GIL over at once.
+
+    Within a chunk, ranges that touch exactly (views into one buffer) are merged so the
+    pages across list boundaries go too; ranges with any gap are never merged (the gap
+    may hold another allocation's bytes).
+    """
+    invlists = index.invlists
+    dropped = 0
+    for first in range(0, index.nlist, chunk):
+        ranges = []
+        for lst in range(first, min(first + chunk, index.nlist)):
+            n = invlists.list_size(lst)
+            if n:
+                codes = faiss.rev_swig_ptr(invlists.get_codes(lst), n * invlists.code_size)
+                ids = faiss.rev_swig_ptr(invlists.get_ids(lst), n)
+                ranges.append((codes.ctypes.data, codes.ctypes.data + codes.nbytes))
+                ranges.append((ids.ctypes.data, ids.ctypes.data + ids.nbytes))
+        ranges.sort()
+        merged: list[list[int]] = []
+        for start, end in ranges:
+            if merged and start == merged[-1][1]:
+                merged[-1][1] = end
+            else:
+                merged.append([start, end])
+        dropped += sum(_drop_pages(start, end - start, min_bytes=4 * _PAGE) for start, end in merged)
+        if pause_s > 0:
+            time.sleep(pause_s)
+    return dropped
+
+
+def drop_index_pages(index: faiss.Index, *, chunk: int = 16, pause_s: float = 0.0005) -> int:
+    """Give the pages of an index's big buffers back to the kernel (vectors, lists,
+    graph); returns the bytes dropped. The index reads zeros afterwards."""
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexRefine):
+        return (drop_index_pages(index.base_index, chunk=chunk, pause_s=pause_s)
+                + drop_index_pages(index.refine_index, chunk=chunk, pause_s=pause_s))
+    if isinstance(index, (faiss.IndexPreTransform, faiss.IndexIDMap)):
+        return drop_index_pages(index.index, chunk=chunk, pause_s=pause_s)
+    if isinstance(index, faiss.IndexHNSW):
+        return _vector_pages(index.hnsw.neighbors, 4) + drop_index_pages(index.storage)
+    if isinstance(index, faiss.IndexIVF):
+        return _list_pages(index, chunk, pause_s)
+    if isinstance(index, faiss.IndexFlatCodes):
+        return _vector_pages(index.codes, 1)
+    return 0
+
+
 def destroy_index(index: faiss.Index) -> bool:
-    """Delete ``index``'s C++ object with the GIL released; returns False (and does
-    nothing) when the Python proxy does not own it. The proxy is dangling afterwards."""
+    """Free ``index`` without holding the GIL: drop its pages, then delete the C++ object
+    inside a GIL-releasing FAISS call. Returns False (and does nothing) when the Python
+    proxy does not own the index. The proxy is dangling afterwards."""
     if not index.this.own():
         return False
+    drop_index_pages(index)
     shards = faiss.IndexShards(index.d, False, False)  # not threaded; ids as they are
     shards.own_indices = True
     index.this.disown()
