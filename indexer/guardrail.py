@@ -37,6 +37,8 @@ from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
 
+from learners.metrics import roc_auc as _roc_auc
+
 from learners.base import X
 
 __all__ = [
@@ -65,22 +67,10 @@ class TwoTowerEncoder(Protocol):
 
 def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float | None:
     """ROC AUC by ranks (ties get the mean rank); None if only one class is present."""
-    scores = np.asarray(scores, dtype=np.float64)
-    labels = np.asarray(labels).astype(bool)
-    n_pos = int(labels.sum())
-    n_neg = len(labels) - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return None
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores), dtype=np.float64)
-    sorted_scores = scores[order]
-    # Average ranks over ties.
-    boundaries = np.flatnonzero(np.diff(sorted_scores)) + 1
-    starts = np.concatenate(([0], boundaries))
-    ends = np.concatenate((boundaries, [len(scores)]))
-    for s, e in zip(starts, ends):
-        ranks[order[s:e]] = (s + e + 1) / 2.0
-    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+    # One implementation of AUC in the project (learners.metrics, tested against a brute-force
+    # pairwise count); this keeps the guardrail's (scores, labels) order and None for one class.
+    auc = _roc_auc(np.asarray(labels).astype(np.int64), np.asarray(scores, dtype=np.float64))
+    return None if np.isnan(auc) else float(auc)
 
 
 def retrieval_auc(encoder: TwoTowerEncoder, xs: Sequence[X], ys: Sequence[int] | np.ndarray) -> float | None:
