@@ -19,9 +19,11 @@ Per (N, kind), medians over ``--runs`` runs:
 * query latency p50/p99: single queries (1 OpenMP thread, as one request thread
   would run them) and batches of ``--batch`` (all threads).
 
-Per N: the service path (catalogue snapshot -> embed (a lookup) -> build -> guardrail
--> write + fsync + sha256 -> publish) for a first build and a rebuild, and the swap
-pause: a thread issues single queries without pause while another thread loads
+Per N: the service path (catalogue snapshot -> embed -> build -> guardrail -> write +
+fsync + sha256 -> publish) for a first build and rebuilds, the embedding being a lookup
+of the mixture vectors or, with ``--tower two-tower``, a real two-tower checkpoint's
+item tower (trained briefly on synthetic impressions, so its vectors are not the
+mixture's); and the swap pause: a thread issues single queries without pause while another thread loads
 versions from disk and swaps them in; we report how long ``swap()`` takes and how much
 longer than usual the queries that straddle a swap took.
 
@@ -56,8 +58,8 @@ from indexer.build import BuildConfig, build_index, exact_topk, recall_at_k  # n
 from indexer.catalogue import Catalogue  # noqa: E402
 from indexer.guardrail import Guardrail  # noqa: E402
 from indexer.handle import IndexHolder, load_handle  # noqa: E402
-from indexer.service import FrozenModel, IndexerService  # noqa: E402
-from indexer.testing import mixture_of_gaussians  # noqa: E402
+from indexer.service import FileCheckpointSource, FrozenModel, IndexerService  # noqa: E402
+from indexer.testing import labelled_impressions, mixture_of_gaussians  # noqa: E402
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -162,7 +164,7 @@ def bench_kind(kind: str, vectors: np.ndarray, probe: np.ndarray, evalq: np.ndar
         "rebuild_reusing_centroids_s": med(reuse) if reuse else None,
         "build_cpu_s": med(cpu),
         "rebuild_reusing_centroids_cpu_s": med(reuse_cpu) if reuse_cpu else None,
-        "build_peak_rss_mb": med(peaks) / 2**20,
+        "build_peak_rss_mb": max(peaks) / 2**20,  # the first run: later ones reuse freed heap pages
         "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "index_bytes_mb": len(faiss.serialize_index(result.index)) / 2**20,
         "tuned_recall_on_probe": result.recall,
@@ -201,20 +203,48 @@ class StaticSource:
         return FrozenModel(encoder=self.encoder, source="bench://precomputed", events_learned=self.generation)
 
 
+class TwoTowerSource(FileCheckpointSource):
+    """A real two-tower checkpoint (trained briefly on synthetic impressions); ``generation``
+    is bumped by re-saving it, as a learner does."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        from learners.registry import make_learner
+
+        self.learner = make_learner("two-tower", seed=0)
+        xs, ys = labelled_impressions(4096, n_items=5000, seed=1)
+        for s in range(0, len(xs), 512):
+            self.learner.learn_many(xs[s:s + 512], ys[s:s + 512])
+        self.generation = 0
+        self.save()
+
+    def save(self) -> None:
+        from learners.checkpoint import save_checkpoint
+
+        self.generation += 1
+        save_checkpoint(self.path, self.learner, {"towerstream.events": {0: self.generation}},
+                        events_learned=self.generation)
+
+
 def bench_service(vectors: np.ndarray, users: np.ndarray, root: Path, args: argparse.Namespace) -> dict[str, Any]:
     n = len(vectors)
     catalogue = Catalogue()
+    real = args.tower == "two-tower"
     for i in range(n):
-        catalogue.upsert(f"i{i}", {})
+        catalogue.upsert(f"i{i}", {"topic": f"t{i % 8}"} if real else {})
     rng = np.random.default_rng(5)
     n_users = len(users)
-    xs, ys = [], []
-    for j in range(2000):
-        u, i = j % n_users, int(rng.integers(0, n))
-        xs.append({"user_id": f"u{u}", "item_id": f"i{i}"})
-        ys.append(int(float(users[u] @ vectors[i]) + 0.2 * rng.normal() > 0.3))
-    ys_arr = np.asarray(ys)
-    source = StaticSource(LookupTower(vectors, users))
+    if real:
+        xs, ys_arr = labelled_impressions(2000, n_items=n, seed=6)
+        source: Any = TwoTowerSource(root.parent / f"{root.name}-model.ckpt")
+    else:
+        xs, ys = [], []
+        for j in range(2000):
+            u, i = j % n_users, int(rng.integers(0, n))
+            xs.append({"user_id": f"u{u}", "item_id": f"i{i}"})
+            ys.append(int(float(users[u] @ vectors[i]) + 0.2 * rng.normal() > 0.3))
+        ys_arr = np.asarray(ys)
+        source = StaticSource(LookupTower(vectors, users))
     service = IndexerService(
         ArtifactStore(root, keep=3), catalogue, source,
         build_config=BuildConfig(recall_k=args.k, recall_target=args.recall_target, probe_queries=args.probe),
@@ -224,7 +254,10 @@ def bench_service(vectors: np.ndarray, users: np.ndarray, root: Path, args: argp
     manifests = []
     for r in range(args.runs + 1):  # the first build trains, the others reuse the centroids
         catalogue.upsert(f"i{r % n}", {"touch": r})  # something changed: a build is due
-        source.generation += 1
+        if real:
+            source.save()  # a new checkpoint, as the learner writes them
+        else:
+            source.generation += 1
         c = time.process_time()
         outcome = service.build_once()
         cpu_s = time.process_time() - c
@@ -349,6 +382,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--hnsw-ef", type=int, default=80)
     p.add_argument("--threads", type=int, default=faiss.omp_get_max_threads())
     p.add_argument("--no-service", action="store_true")
+    p.add_argument("--tower", choices=["lookup", "two-tower"], default="lookup",
+                   help="service section: precomputed vectors (lookup) or a real two-tower checkpoint")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one kind, in a fresh process
     p.add_argument("--worker-data", type=Path, default=None, help=argparse.SUPPRESS)

@@ -340,8 +340,19 @@ def _train(kind: str, vectors: np.ndarray, nlist: int, config: BuildConfig) -> T
         dim=d,
         nlist=nlist,
         trained_count=n,
-        train_error=quantisation_error(kmeans.centroids, sample),
+        # Measured on a fresh sample: the training sample's own error is optimistic (the
+        # centroids were fitted to it), and the drift check compares against fresh samples.
+        train_error=quantisation_error(kmeans.centroids, _drift_sample(vectors, nlist, config.seed + 1)),
     )
+
+
+def _drift_sample(vectors: np.ndarray, nlist: int, seed: int) -> np.ndarray:
+    """The vectors the quantisation error is measured on (at training and at each reuse)."""
+    n = len(vectors)
+    size = min(n, max(1000, nlist * 4))
+    if size == n:
+        return vectors
+    return vectors[np.random.default_rng(seed).choice(n, size=size, replace=False)]
 
 
 def _retrain_reason(
@@ -359,11 +370,8 @@ def _retrain_reason(
         return f"periodic retrain (every {config.retrain_every} builds)", None
     if n > config.growth_retrain * trained.trained_count:
         return f"catalogue grew from {trained.trained_count} to {n} items", None
-    rng = np.random.default_rng(config.seed + 1)
-    size = min(n, max(1000, trained.nlist * 4))
-    sample = vectors[rng.choice(n, size=size, replace=False)] if size < n else vectors
     centroids = _centroids(trained.instantiate())
-    error = quantisation_error(centroids, sample)
+    error = quantisation_error(centroids, _drift_sample(vectors, trained.nlist, config.seed + 1))
     drift = error / max(trained.train_error, 1e-12) - 1.0
     if drift > config.drift_threshold:
         return f"vectors drifted: quantisation error +{drift:.0%} since training", drift
