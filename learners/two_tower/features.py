@@ -41,14 +41,15 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from itertools import chain, repeat
-from typing import Any, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from learners.base import ITEM_PREFIX, USER_PREFIX
 
-__all__ = ["EmbeddingStore", "FeatureEncoder", "TowerIndex", "EncodedBatch", "infer_fields", "feature_key"]
+__all__ = ["EmbeddingStore", "FeatureEncoder", "TowerIndex", "EncodedBatch", "ColumnBags", "infer_fields",
+           "feature_key"]
 
 logger = logging.getLogger(__name__)
 
@@ -312,6 +313,100 @@ _EMPTY: tuple[int, ...] = ()
 _NO_ROW = -1
 
 
+@dataclass(frozen=True)
+class ColumnBags:
+    """One tower's bags over N examples encoded from columns, kept per field so that any
+    range of examples cuts into a :class:`TowerIndex` (:meth:`index`).
+
+    ``flats[f]`` holds the rows of field ``f`` of all examples back to back, ``lengths[f]``
+    (N,) each example's bag length and ``ends[f]`` (N+1,) the cumulative lengths.
+    """
+
+    flats: tuple[np.ndarray, ...]
+    lengths: tuple[np.ndarray, ...]
+    ends: tuple[np.ndarray, ...]
+    size: int
+
+    def __len__(self) -> int:
+        return self.size
+
+    def index(self, lo: int = 0, hi: int | None = None) -> TowerIndex:
+        """The field-major :class:`TowerIndex` of examples ``lo:hi`` (store rows, as
+        :meth:`FeatureEncoder.encode` gives with ``unique=False``)."""
+        hi = self.size if hi is None else hi
+        flat = np.concatenate([f[e[lo]:e[hi]] for f, e in zip(self.flats, self.ends)])
+        lengths = np.concatenate([ln[lo:hi] for ln in self.lengths])
+        offsets = np.zeros(len(lengths), dtype=np.int64)
+        np.cumsum(lengths[:-1], out=offsets[1:])
+        return TowerIndex(torch.from_numpy(flat), torch.from_numpy(offsets), hi - lo, len(self.flats))
+
+
+class _BagTable:
+    """The complete bags of one field's values, numbered: ``codes`` value -> code, and per
+    code its first row (-1: empty), length and start in ``flat``. Code 0 is ``None``."""
+
+    def __init__(self) -> None:
+        self.codes: dict[Any, int] = {None: 0}
+        self.n = 1
+        self.n_flat = 0
+        self.max_len = 0
+        self._row0 = np.full(64, _NO_ROW, dtype=np.int64)
+        self._length = np.zeros(64, dtype=np.int64)
+        self._start = np.zeros(64, dtype=np.int64)
+        self._flat = np.zeros(64, dtype=np.int64)
+
+    @staticmethod
+    def _fit(a: np.ndarray, n: int, fill: int = 0) -> np.ndarray:
+        if n <= len(a):
+            return a
+        grown = np.full(max(n, 2 * len(a)), fill, dtype=a.dtype)
+        grown[: len(a)] = a
+        return grown
+
+    def add(self, value: Any, bag: tuple[int, ...]) -> int:
+        c, k = self.n, len(bag)
+        self._row0 = self._fit(self._row0, c + 1, _NO_ROW)
+        self._length = self._fit(self._length, c + 1)
+        self._start = self._fit(self._start, c + 1)
+        self._flat = self._fit(self._flat, self.n_flat + k)
+        if k:
+            self._row0[c] = bag[0]
+            self._flat[self.n_flat: self.n_flat + k] = bag
+        self._length[c] = k
+        self._start[c] = self.n_flat
+        self.n_flat += k
+        self.max_len = max(self.max_len, k)
+        self.codes[value] = c
+        self.n += 1
+        return c
+
+    def arrays(self, extra: list[tuple[int, ...]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(row0, length, start, flat) over the codes, with ``extra`` bags appended as codes
+        ``n, n+1, ...`` (bags of this call only: not numbered for good)."""
+        row0, length, start, flat = (self._row0[: self.n], self._length[: self.n], self._start[: self.n],
+                                     self._flat[: self.n_flat])
+        if not extra:
+            return row0, length, start, flat
+        lens = np.fromiter(map(len, extra), dtype=np.int64, count=len(extra))
+        starts = self.n_flat + np.cumsum(lens) - lens
+        return (np.concatenate([row0, [b[0] if b else _NO_ROW for b in extra]]), np.concatenate([length, lens]),
+                np.concatenate([start, starts]),
+                np.concatenate([flat, np.fromiter(chain.from_iterable(extra), dtype=np.int64, count=int(lens.sum()))]))
+
+
+def _hashable(value: Any) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
+
+
+def _plain(col: Any) -> Sequence[Any]:
+    """A column as a sequence of Python values (numpy arrays give their ``tolist``)."""
+    return col.tolist() if isinstance(col, np.ndarray) else col
+
+
 def _values(xs: Sequence[Mapping[str, Any]], field: str) -> list[Any]:
     """``[x.get(field) for x in xs]``, with C loops when the examples are plain dicts."""
     try:
@@ -340,7 +435,15 @@ class FeatureEncoder:
         self.item_fields = tuple(item_fields)
         self._bags: dict[str, dict[Any, tuple[int, ...]]] = {}
         self._rows: dict[str, dict[Any, int]] = {}
+        self._tables: dict[str, _BagTable] = {}
         self._cache_release = store.releases
+
+    def _drop_stale_caches(self) -> None:
+        if self._cache_release != self.store.releases:
+            self._bags.clear()
+            self._rows.clear()
+            self._tables.clear()
+            self._cache_release = self.store.releases
 
     def _resolve(self, field: str, value: Any, insert: bool) -> tuple[int, ...]:
         """The bag of ``value`` from the id table (allocating when ``insert``); cached when complete."""
@@ -421,10 +524,7 @@ class FeatureEncoder:
         ``unique=False`` skips de-duplication (inference reads the store directly)."""
         empty = np.zeros(0, dtype=np.int64)
         while True:
-            if self._cache_release != self.store.releases:
-                self._bags.clear()
-                self._rows.clear()
-                self._cache_release = self.store.releases
+            self._drop_stale_caches()
             user_keys, uflat, ulen = self._side(user_xs, self.user_fields, insert) if user_xs is not None else ([], empty, empty)
             item_keys, iflat, ilen = self._side(item_xs, self.item_fields, insert) if item_xs is not None else ([], empty, empty)
             if self._cache_release == self.store.releases:
@@ -453,3 +553,111 @@ class FeatureEncoder:
             user_keys=user_keys,
             item_keys=item_keys,
         )
+
+    # ------------------------------------------------------------------ columns (inference)
+    def _lookup(self, field: str, value: Any) -> tuple[tuple[int, ...], bool]:
+        """The bag of ``value`` from the id table without allocating, and whether every key was known."""
+        table = self.store.table(field)
+        rows = []
+        complete = True
+        for v in value if isinstance(value, (tuple, list)) else (value,):
+            r = table.get(feature_key(v))
+            if r is None:
+                complete = False
+            else:
+                rows.append(r)
+        return tuple(rows), complete
+
+    def _field_bags(self, field: str, col: Sequence[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(flat rows, bag lengths (N,), cumulative ends (N+1,)) of one column of N values.
+
+        One dict lookup per value (in C) maps it to its code in the field's
+        :class:`_BagTable`; only values without a code are resolved in Python, once per
+        distinct value. Complete bags get a code for good; bags with unknown keys (or of
+        unhashable values) are numbered for this call only, so a key learned later counts.
+        """
+        t = self._tables.get(field)
+        if t is None:
+            t = self._tables[field] = _BagTable()
+        n = len(col)
+        get = t.codes.get
+        try:
+            codes = np.fromiter(map(get, col, repeat(-1)), dtype=np.int64, count=n)
+        except TypeError:  # an unhashable value (a list)
+            codes = np.fromiter((get(v, -1) if _hashable(v) else -1 for v in col), dtype=np.int64, count=n)
+        extra: list[tuple[int, ...]] = []
+        miss = np.flatnonzero(codes < 0)
+        if len(miss):
+            local: dict[Any, int] = {}
+            for i in miss.tolist():
+                v = col[i]
+                keyed = _hashable(v)
+                if keyed:
+                    c = local.get(v, t.codes.get(v))
+                    if c is not None:
+                        codes[i] = c
+                        continue
+                bag, complete = self._lookup(field, v)
+                if complete and keyed:
+                    c = t.add(v, bag)
+                elif not bag:
+                    c = 0
+                else:
+                    c = -2 - len(extra)  # numbered t.n + j once this loop's codes are in: below
+                    extra.append(bag)
+                if keyed:
+                    local[v] = c
+                codes[i] = c
+            if extra:
+                local_codes = codes <= -2
+                codes[local_codes] = t.n - 2 - codes[local_codes]
+        row0, length, start, flat = t.arrays(extra)
+        ends = np.zeros(n + 1, dtype=np.int64)
+        if t.max_len <= 1 and not extra:  # single-valued: at most one row per value
+            rows = row0[codes]
+            present = rows >= 0
+            if present.all():
+                np.cumsum(present, out=ends[1:])
+                return rows, np.ones(n, dtype=np.int64), ends
+            lengths = present.astype(np.int64)
+            np.cumsum(lengths, out=ends[1:])
+            return rows[present], lengths, ends
+        lengths = length[codes]
+        np.cumsum(lengths, out=ends[1:])
+        total = int(ends[-1])
+        idx = np.repeat(start[codes] - ends[:-1], lengths) + np.arange(total, dtype=np.int64)
+        return flat[idx], lengths, ends
+
+    def encode_columns(self, ids: Sequence[Any], columns: Mapping[str, Sequence[Any]],
+                       side: Literal["user", "item"] = "item") -> ColumnBags:
+        """Bags of one tower over N examples given as columns: the same rows
+        :meth:`encode` gives the examples ``{"item_id": ids[n], **{f: columns[f][n]}}``
+        (``insert=False, unique=False``).
+
+        ``ids`` (N,) are the user or item ids; ``columns`` maps a field (``i:tags``) to its
+        (N,) values: a tuple for a multi-valued field, ``None`` where missing. The tower's
+        fields absent from ``columns`` read as missing, other columns are ignored. Never
+        grows the tables: unknown ids and values read as empty, as in :meth:`encode`.
+
+        >>> import torch
+        >>> store = EmbeddingStore(dim=2, generator=torch.Generator().manual_seed(0))
+        >>> enc = FeatureEncoder(store, ("user_id",), ("item_id", "i:tags"))
+        >>> _ = enc.encode(None, [{"item_id": "a", "i:tags": ("x", "y")}], insert=True)
+        >>> bags = enc.encode_columns(["a", "new"], {"i:tags": [("x", "y"), ("y", "z")]})
+        >>> bags.index().offsets.tolist(), len(bags.index().inverse)
+        ([0, 1, 1, 3], 4)
+        """
+        fields = self.item_fields if side == "item" else self.user_fields
+        n = len(ids)
+        for f, col in columns.items():
+            if len(col) != n:
+                raise ValueError(f"column {f!r} has {len(col)} values for {n} ids")
+        self._drop_stale_caches()
+        flats, lengths, ends = [], [], []
+        for f in fields:
+            col = ids if f == fields[0] else columns.get(f)
+            flat, ln, end = self._field_bags(f, _plain(col) if col is not None else [None] * n)
+            flats.append(flat)
+            lengths.append(ln)
+            ends.append(end)
+        return ColumnBags(tuple(flats), tuple(lengths), tuple(ends), n)
