@@ -119,6 +119,9 @@ class _ValueCache(dict):
     __slots__ = ("miss",)
 
     def __missing__(self, value: Any) -> int:
+        if type(value) is str:  # the common case, without two more Python calls
+            code = self[value] = zlib.crc32(value.encode("utf-8"))
+            return code
         return self.miss(value)
 
 
@@ -247,7 +250,7 @@ class FeatureHasher:
         self._cache.miss = self._miss
         self._numbers: list[float] = []  # values of the uncached numbers met by a lookup
         self._groups: list[tuple[int, ...]] = [()]
-        self._group_arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._group_arrays = self._no_groups()
         self._layouts: dict[tuple[str, ...], _Layout] = {}
 
     @property
@@ -273,7 +276,6 @@ class FeatureHasher:
                     raise TypeError(f"a multi-valued feature holds strings, got {type(v).__name__} in {value!r}")
             code = _MULTI | len(self._groups)
             self._groups.append(tuple(stable_hash(v) for v in value))
-            self._group_arrays = None
         else:
             raise TypeError(
                 f"a feature value has type {type(value).__name__} ({value!r}); "
@@ -312,11 +314,23 @@ class FeatureHasher:
             layout = self._layouts[names] = _Layout(used, field_keys, categorical, pairs)
         return layout
 
+    @staticmethod
+    def _no_groups() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        zero = np.zeros(1, dtype=np.int64)  # group 0 is the empty dummy
+        return zero, zero, np.zeros(0, dtype=np.uint64)
+
     def _group_table(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if self._group_arrays is None:
-            lens = np.fromiter(map(len, self._groups), dtype=np.int64, count=len(self._groups))
-            flat = np.fromiter(chain.from_iterable(self._groups), dtype=np.int64, count=int(lens.sum()))
-            self._group_arrays = (np.cumsum(lens) - lens, lens, flat.astype(np.uint64))
+        """``(starts, lens, flat crc32s)`` of the multi-valued groups, extended with the groups
+        met since the last call (rebuilding it all made a batch of new groups cost O(groups))."""
+        starts, lens, flat = self._group_arrays
+        if len(lens) < len(self._groups):
+            new = self._groups[len(lens):]
+            new_lens = np.fromiter(map(len, new), dtype=np.int64, count=len(new))
+            new_flat = np.fromiter(chain.from_iterable(new), dtype=np.int64, count=int(new_lens.sum()))
+            starts = np.concatenate([starts, len(flat) + np.cumsum(new_lens) - new_lens])
+            lens = np.concatenate([lens, new_lens])
+            flat = np.concatenate([flat, new_flat.astype(np.uint64)])
+            self._group_arrays = (starts, lens, flat)
         return self._group_arrays
 
     # -- codes to keys --------------------------------------------------------------------------
@@ -347,7 +361,7 @@ class FeatureHasher:
         if len(self._cache) >= self.max_cache:
             self._cache.clear()
             self._groups = [()]
-            self._group_arrays = None
+            self._group_arrays = self._no_groups()
         n_rows = len(xs)
         try:
             parts = self._parts_same_fields(xs)
