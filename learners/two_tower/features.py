@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from itertools import chain, repeat
+from itertools import chain, compress, repeat
 from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
@@ -342,8 +342,9 @@ class ColumnBags:
 
 
 class _BagTable:
-    """The complete bags of one field's values, numbered: ``codes`` value -> code, and per
-    code its first row (-1: empty), length and start in ``flat``. Code 0 is ``None``."""
+    """The complete bags of one field's values, numbered: ``codes`` value -> code; per code
+    its first row (-1: empty), length and start in the flat row array. Code 0 is ``None``.
+    Bags appended past :meth:`mark` without numbering serve one call, then :meth:`reset`."""
 
     def __init__(self) -> None:
         self.codes: dict[Any, int] = {None: 0}
@@ -363,35 +364,73 @@ class _BagTable:
         grown[: len(a)] = a
         return grown
 
-    def add(self, value: Any, bag: tuple[int, ...]) -> int:
-        c, k = self.n, len(bag)
-        self._row0 = self._fit(self._row0, c + 1, _NO_ROW)
-        self._length = self._fit(self._length, c + 1)
-        self._start = self._fit(self._start, c + 1)
-        self._flat = self._fit(self._flat, self.n_flat + k)
+    def add(self, flat: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """Append the bags ``flat`` cut by ``lengths`` (K,); returns their codes (K,)."""
+        c0, f0, k, total = self.n, self.n_flat, len(lengths), len(flat)
+        self._row0 = self._fit(self._row0, c0 + k, _NO_ROW)
+        self._length = self._fit(self._length, c0 + k)
+        self._start = self._fit(self._start, c0 + k)
+        self._flat = self._fit(self._flat, f0 + total)
+        starts = np.cumsum(lengths) - lengths
+        nz = lengths > 0
+        row0 = np.full(k, _NO_ROW, dtype=np.int64)
+        row0[nz] = flat[starts[nz]]
+        self._row0[c0: c0 + k] = row0
+        self._length[c0: c0 + k] = lengths
+        self._start[c0: c0 + k] = starts + f0
+        self._flat[f0: f0 + total] = flat
+        self.n += k
+        self.n_flat += total
         if k:
-            self._row0[c] = bag[0]
-            self._flat[self.n_flat: self.n_flat + k] = bag
-        self._length[c] = k
-        self._start[c] = self.n_flat
-        self.n_flat += k
-        self.max_len = max(self.max_len, k)
-        self.codes[value] = c
-        self.n += 1
-        return c
+            self.max_len = max(self.max_len, int(lengths.max()))
+        return np.arange(c0, c0 + k, dtype=np.int64)
 
-    def arrays(self, extra: list[tuple[int, ...]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(row0, length, start, flat) over the codes, with ``extra`` bags appended as codes
-        ``n, n+1, ...`` (bags of this call only: not numbered for good)."""
-        row0, length, start, flat = (self._row0[: self.n], self._length[: self.n], self._start[: self.n],
-                                     self._flat[: self.n_flat])
-        if not extra:
-            return row0, length, start, flat
-        lens = np.fromiter(map(len, extra), dtype=np.int64, count=len(extra))
-        starts = self.n_flat + np.cumsum(lens) - lens
-        return (np.concatenate([row0, [b[0] if b else _NO_ROW for b in extra]]), np.concatenate([length, lens]),
-                np.concatenate([start, starts]),
-                np.concatenate([flat, np.fromiter(chain.from_iterable(extra), dtype=np.int64, count=int(lens.sum()))]))
+    def mark(self) -> tuple[int, int, int]:
+        return self.n, self.n_flat, self.max_len
+
+    def reset(self, mark: tuple[int, int, int]) -> None:
+        self.n, self.n_flat, self.max_len = mark
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(row0, length, start, flat) over the codes."""
+        return self._row0[: self.n], self._length[: self.n], self._start[: self.n], self._flat[: self.n_flat]
+
+
+_PLAIN_KEYS = frozenset((str, int))  # types that are their own feature_key
+_PLAIN_OR_NONE = frozenset((str, int, type(None)))
+_TUPLES_OR_NONE = frozenset((tuple, type(None)))
+_NONE_AS_EMPTY: dict[Any, tuple[()]] = {None: ()}
+
+
+def _element_keys(values: list[Any]) -> tuple[list[Any], np.ndarray]:
+    """The feature keys of each value's elements, back to back, and their counts (K,):
+    one element for a single value, the members of a tuple or list."""
+    types = set(map(type, values))
+    if types <= _PLAIN_KEYS:
+        return values, np.ones(len(values), dtype=np.int64)
+    if types <= {tuple}:
+        keys = list(chain.from_iterable(values))
+        if not set(map(type, keys)) <= _PLAIN_KEYS:
+            keys = list(map(feature_key, keys))
+        return keys, np.fromiter(map(len, values), dtype=np.int64, count=len(values))
+    keys, counts = [], []
+    for v in values:
+        elems = v if isinstance(v, (tuple, list)) else (v,)
+        keys.extend(map(feature_key, elems))
+        counts.append(len(elems))
+    return keys, np.array(counts, dtype=np.int64)
+
+
+def _single_bags(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(flat rows, lengths, ends) of bags of at most one row each: ``rows`` (N,), -1 for none."""
+    ends = np.zeros(len(rows) + 1, dtype=np.int64)
+    present = rows >= 0
+    if present.all():
+        ends[1:] = np.arange(1, len(rows) + 1)
+        return rows, np.ones(len(rows), dtype=np.int64), ends
+    lengths = present.astype(np.int64)
+    np.cumsum(lengths, out=ends[1:])
+    return rows[present], lengths, ends
 
 
 def _hashable(value: Any) -> bool:
@@ -555,27 +594,66 @@ class FeatureEncoder:
         )
 
     # ------------------------------------------------------------------ columns (inference)
-    def _lookup(self, field: str, value: Any) -> tuple[tuple[int, ...], bool]:
-        """The bag of ``value`` from the id table without allocating, and whether every key was known."""
-        table = self.store.table(field)
-        rows = []
-        complete = True
-        for v in value if isinstance(value, (tuple, list)) else (value,):
-            r = table.get(feature_key(v))
-            if r is None:
-                complete = False
-            else:
-                rows.append(r)
-        return tuple(rows), complete
+    def _new_codes(self, field: str, t: _BagTable, values: list[Any]) -> tuple[np.ndarray, tuple[int, int, int]]:
+        """Codes of ``values`` (hashable, none of them coded yet), resolved once per distinct
+        value and in bulk: complete bags are numbered for good; bags with unknown keys
+        are appended after the returned mark, for this call only (a key learned later
+        must count), and an all-unknown bag is code 0 (empty)."""
+        distinct = list(dict.fromkeys(values))
+        keys, counts = _element_keys(distinct)
+        table = self.store.tables.get(field, {})
+        rows = np.fromiter(map(table.get, keys, repeat(_NO_ROW)), dtype=np.int64, count=len(keys))
+        known = rows >= 0
+        ends = np.zeros(len(distinct) + 1, dtype=np.int64)
+        np.cumsum(counts, out=ends[1:])
+        n_known = np.zeros(len(keys) + 1, dtype=np.int64)
+        np.cumsum(known, out=n_known[1:])
+        n_known = n_known[ends[1:]] - n_known[ends[:-1]]
+        complete = n_known == counts
+        per_elem = np.repeat(complete, counts)
+        codes = np.zeros(len(distinct), dtype=np.int64)
+        codes[complete] = t.add(rows[per_elem], counts[complete])
+        t.codes.update(zip(compress(distinct, complete), codes[complete].tolist()))
+        mark = t.mark()
+        partial = ~complete & (n_known > 0)
+        if partial.any():
+            codes[partial] = t.add(rows[np.repeat(partial, counts) & known], n_known[partial])
+        by_value = dict(zip(distinct, codes.tolist()))
+        return np.fromiter(map(by_value.__getitem__, values), dtype=np.int64, count=len(values)), mark
 
     def _field_bags(self, field: str, col: Sequence[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(flat rows, bag lengths (N,), cumulative ends (N+1,)) of one column of N values.
 
-        One dict lookup per value (in C) maps it to its code in the field's
-        :class:`_BagTable`; only values without a code are resolved in Python, once per
-        distinct value. Complete bags get a code for good; bags with unknown keys (or of
-        unhashable values) are numbered for this call only, so a key learned later counts.
+        Strings and integers are their own keys: a column of them (or of tuples of them),
+        ``None`` where missing, is read straight from the id table, one dict lookup per
+        value in C - nothing cached, so nothing to go stale. Other columns (numbers as
+        categories, mixed values) go through the field's :class:`_BagTable`: one lookup
+        maps a value to its code, values without one are resolved in bulk
+        (:meth:`_new_codes`), once per distinct value. Lists read as the tuples they hold.
         """
+        n = len(col)
+        types = set(map(type, col))
+        if types <= _PLAIN_OR_NONE:
+            table = self.store.tables.get(field, {})
+            return _single_bags(np.fromiter(map(table.get, col, repeat(_NO_ROW)), dtype=np.int64, count=n))
+        if types <= _TUPLES_OR_NONE:
+            if type(None) in types:
+                col = list(map(_NONE_AS_EMPTY.get, col, col))
+            keys = list(chain.from_iterable(col))
+            if set(map(type, keys)) <= _PLAIN_KEYS:
+                table = self.store.tables.get(field, {})
+                rows = np.fromiter(map(table.get, keys, repeat(_NO_ROW)), dtype=np.int64, count=len(keys))
+                lengths = np.fromiter(map(len, col), dtype=np.int64, count=n)
+                ends = np.zeros(n + 1, dtype=np.int64)
+                known = rows >= 0
+                if known.all():
+                    np.cumsum(lengths, out=ends[1:])
+                    return rows, lengths, ends
+                n_known = np.zeros(len(keys) + 1, dtype=np.int64)
+                np.cumsum(known, out=n_known[1:])
+                np.cumsum(lengths, out=ends[1:])
+                ends = n_known[ends]
+                return rows[known], np.diff(ends), ends
         t = self._tables.get(field)
         if t is None:
             t = self._tables[field] = _BagTable()
@@ -583,49 +661,28 @@ class FeatureEncoder:
         get = t.codes.get
         try:
             codes = np.fromiter(map(get, col, repeat(-1)), dtype=np.int64, count=n)
-        except TypeError:  # an unhashable value (a list)
-            codes = np.fromiter((get(v, -1) if _hashable(v) else -1 for v in col), dtype=np.int64, count=n)
-        extra: list[tuple[int, ...]] = []
-        miss = np.flatnonzero(codes < 0)
+        except TypeError:  # unhashable values: lists read as tuples, the rest one by one below
+            col = [tuple(v) if type(v) is list else v for v in col]
+            codes = np.fromiter((get(v, -1) if _hashable(v) else -2 for v in col), dtype=np.int64, count=n)
+        mark = t.mark()
+        miss = np.flatnonzero(codes == -1)
         if len(miss):
-            local: dict[Any, int] = {}
-            for i in miss.tolist():
-                v = col[i]
-                keyed = _hashable(v)
-                if keyed:
-                    c = local.get(v, t.codes.get(v))
-                    if c is not None:
-                        codes[i] = c
-                        continue
-                bag, complete = self._lookup(field, v)
-                if complete and keyed:
-                    c = t.add(v, bag)
-                elif not bag:
-                    c = 0
-                else:
-                    c = -2 - len(extra)  # numbered t.n + j once this loop's codes are in: below
-                    extra.append(bag)
-                if keyed:
-                    local[v] = c
-                codes[i] = c
-            if extra:
-                local_codes = codes <= -2
-                codes[local_codes] = t.n - 2 - codes[local_codes]
-        row0, length, start, flat = t.arrays(extra)
+            codes[miss], mark = self._new_codes(field, t, list(map(col.__getitem__, miss.tolist())))
+        odd = np.flatnonzero(codes == -2)
+        if len(odd):  # unhashable even as tuples: one by one, never numbered
+            table = self.store.tables.get(field, {})
+            for i in odd.tolist():
+                bag = [r for r in map(table.get, _element_keys([col[i]])[0]) if r is not None]
+                codes[i] = t.add(np.array(bag, dtype=np.int64), np.array([len(bag)], dtype=np.int64))[0]
+        row0, length, start, flat = t.arrays()
+        single = t.max_len <= 1
+        t.reset(mark)  # drop this call's bags (they stay readable until the next add)
+        if single:  # at most one row per value
+            return _single_bags(row0[codes])
         ends = np.zeros(n + 1, dtype=np.int64)
-        if t.max_len <= 1 and not extra:  # single-valued: at most one row per value
-            rows = row0[codes]
-            present = rows >= 0
-            if present.all():
-                np.cumsum(present, out=ends[1:])
-                return rows, np.ones(n, dtype=np.int64), ends
-            lengths = present.astype(np.int64)
-            np.cumsum(lengths, out=ends[1:])
-            return rows[present], lengths, ends
         lengths = length[codes]
         np.cumsum(lengths, out=ends[1:])
-        total = int(ends[-1])
-        idx = np.repeat(start[codes] - ends[:-1], lengths) + np.arange(total, dtype=np.int64)
+        idx = np.repeat(start[codes] - ends[:-1], lengths) + np.arange(int(ends[-1]), dtype=np.int64)
         return flat[idx], lengths, ends
 
     def encode_columns(self, ids: Sequence[Any], columns: Mapping[str, Sequence[Any]],

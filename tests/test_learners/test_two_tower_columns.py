@@ -46,15 +46,18 @@ def _trained(name: str, seed: int, **params):
 
 
 def _catalogue(n: int, rng: np.random.Generator) -> list[dict]:
-    """Known and unknown ids, tags known, unknown and mixed, missing fields, odd values."""
+    """Known and unknown ids, tags known, unknown and mixed, missing fields, odd values
+    (lists, a dict, numpy strings, bools, numbers as categories)."""
     items = []
     for _ in range(n):
         x: dict = {"item_id": f"i{rng.integers(0, 400)}" if rng.random() < 0.9 else None}
         r = rng.random()
         if r < 0.8:
             x["i:category"] = f"c{rng.integers(0, 15)}"  # c12..c14 never learned
-        elif r < 0.9:
+        elif r < 0.85:
             x["i:category"] = int(rng.integers(0, 3))  # a number: a category of its own, unknown
+        elif r < 0.9:
+            x["i:category"] = [True, np.str_("c3"), {"odd": 1}, ("c1",)][int(rng.integers(0, 4))]
         r = rng.random()
         if r < 0.75:
             x["i:tags"] = tuple(f"t{t}" for t in rng.integers(0, 36, size=int(rng.integers(0, 5))))
@@ -62,6 +65,8 @@ def _catalogue(n: int, rng: np.random.Generator) -> list[dict]:
             x["i:tags"] = [f"t{t}" for t in rng.integers(0, 30, size=2)]  # a list: unhashable
         elif r < 0.85:
             x["i:tags"] = "t3"  # a single value in a multi-valued field
+        elif r < 0.88:
+            x["i:tags"] = ("t1", 3, 2.0, None)  # mixed members, feature keys of their own
         if rng.random() < 0.9:
             x["i:price"] = [1.0, 2.5, 9.99, 3, 7.5][int(rng.integers(0, 5))]  # 3 == 3.0 (learned), 7.5 unknown
         items.append(x)
@@ -116,6 +121,12 @@ def test_unknown_ids_and_values_read_as_empty():
               {"item_id": "ghost2", "i:tags": ()}]
     mixed = {"item_id": "i1", "i:category": "c1", "i:tags": ("t1", "zz", "t2"), "i:price": 2.5}
     v = learner.encode_item_columns(*_columns([known, empty, *ghosts, mixed, known]))
+    # numbered bags (non-string members) with unknown keys serve one call: no pile-up
+    odd = [{"item_id": "i1", "i:tags": ("t1", 2.5, "zz")}, {"item_id": "i1", "i:tags": (1.5, "yy")}]
+    learner.encode_item_columns(*_columns(odd))
+    n_codes = learner.encoder._tables["i:tags"].n
+    assert np.array_equal(learner.encode_item_columns(*_columns(odd * 3)), _reference(learner, odd * 3))
+    assert learner.encoder._tables["i:tags"].n == n_codes
     # every unknown reads as nothing: the ghosts are the all-empty item
     assert np.array_equal(v[2], v[1]) and np.array_equal(v[3], v[1])
     # an unknown tag leaves the bag of the known ones
@@ -135,13 +146,15 @@ def test_a_value_learned_after_a_call_counts_in_the_next():
 
 def test_rows_freed_by_expiry_are_not_served_from_stale_codes():
     learner = make("two-tower", seed=0, expire_after=2, expire_every=1, hidden=(8,), out_dim=8, field_dim=4)
-    old = [{"user_id": "u", "item_id": "old", "i:tags": ("a", "b")}] * 4
+    old = [{"user_id": "u", "item_id": "old", "i:tags": ("a", "b"), "i:price": 7.25}] * 4
     learner.learn_many(old, [1, 0, 1, 0])
-    learner.encode_item_columns(["old"] * 4, {"i:tags": [("a", "b")] * 4})  # codes for old, a, b
-    for i in range(4):  # "old", "a", "b" expire; their rows go to new ids
-        learner.learn_many([{"user_id": f"v{i}", "item_id": f"new{i}", "i:tags": (f"n{i}",)}], [1])
-    assert "old" not in learner.store.table("item_id")
-    items = [{"item_id": "old", "i:tags": ("a", "b")}, {"item_id": "new3", "i:tags": ("n3",)}] * 4
+    learner.encode_item_columns(["old"] * 4, {"i:tags": [("a", "b")] * 4, "i:price": [7.25] * 4})  # a code for 7.25
+    for i in range(4):  # "old", "a", "b", 7.25 expire; their rows go to new ids
+        learner.learn_many([{"user_id": f"v{i}", "item_id": f"new{i}", "i:tags": (f"n{i}",), "i:price": 0.5 + i}],
+                           [1])
+    assert "old" not in learner.store.table("item_id") and 7.2 not in learner.store.table("i:price")
+    items = [{"item_id": "old", "i:tags": ("a", "b"), "i:price": 7.25},
+             {"item_id": "new3", "i:tags": ("n3",), "i:price": 3.5}] * 4
     assert np.array_equal(learner.encode_item_columns(*_columns(items)), _reference(learner, items))
 
 
