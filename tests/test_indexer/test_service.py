@@ -179,3 +179,46 @@ def test_a_pinned_rollback_holds_until_unpinned(tmp_path) -> None:
     published = service.build_once()
     assert published.status == "published" and published.version == v2 + 1
     assert service.store.current() == published.version
+
+
+def test_a_real_checkpoint_is_indexed_with_the_vectors_of_the_dict_path(tmp_path) -> None:
+    """The service embeds the catalogue through ``encode_items`` (columnar inside): the
+    published (exact, flat) index holds bit for bit what the pre-columnar dict path gives,
+    in chunks of ``embed_batch``, unknown items and tags included."""
+    import torch
+
+    from indexer.handle import load_handle
+    from indexer.service import FileCheckpointSource
+    from learners.checkpoint import load_checkpoint, save_checkpoint
+    from learners.registry import make_learner
+
+    def tags(j: int) -> tuple[str, ...]:
+        return tuple(f"g{(j * k) % 11}" for k in range(j % 4))
+
+    xs, ys = labelled_impressions(800, n_items=600, seed=1)
+    for x in xs:
+        j = int(x["item_id"][1:])
+        x["i:tags"], x["i:price"] = tags(j), [0.5, 1.25, 3.0][j % 3]
+    for name in ("two-tower", "dat"):
+        learner = make_learner(name, seed=0, field_dim=8, hidden=(16,), out_dim=16)
+        learner.learn_many(xs, ys)
+        ckpt = tmp_path / f"{name}.ckpt"
+        save_checkpoint(ckpt, learner, {"towerstream.events": {0: 800}}, events_learned=800)
+        catalogue = Catalogue(clock=FakeClock())
+        for r in catalogue_records(700):  # i600..i699 were never shown
+            j = int(r["item_id"][1:])
+            feats = {**r["item_features"], "tags": list(tags(j) + (("new-tag",) if j % 5 == 0 else ())),
+                     "price": [0.5, 1.25, 3.0, 9.5][j % 4]}
+            catalogue.observe_record({"item_id": r["item_id"], "item_features": feats})
+        store = ArtifactStore(tmp_path / name)
+        service = IndexerService(store, catalogue, FileCheckpointSource(ckpt), build_config=CONFIG,
+                                 embed_batch=300, clock=FakeClock(), wall_clock=FakeClock())
+        assert service.build_once().status == "published"
+        handle = load_handle(store.current_info().path)
+        snap = catalogue.snapshot()
+        frozen = load_checkpoint(ckpt).learner()
+        with torch.inference_mode():
+            want = np.concatenate([frozen._tower(list(snap.xs[lo: lo + 300]), "item").vec.numpy()
+                                   for lo in range(0, len(snap), 300)])
+        assert handle.ids.tolist() == list(snap.ids)
+        assert np.array_equal(handle.index.reconstruct_n(0, handle.index.ntotal), want)
