@@ -1,9 +1,10 @@
 """The event consumer: poll, decode + validate, dead-letter the bad, hand over, commit.
 
 :class:`EventConsumer` turns Kafka records into validated :class:`~streams.events.Event`
-batches. Every record is decoded with :func:`~streams.events.decode_event`; a record
-that fails goes to the dead-letter topic with its reason (see :mod:`streams.deadletter`)
-and the consumer keeps going. A batch is handed over only after its dead letters are
+batches. Every record is decoded as :func:`~streams.events.decode_event` does (a batch
+at a time, :func:`~streams.events.decode_events`); a record that fails goes to the
+dead-letter topic with its reason (see :mod:`streams.deadletter`) and the consumer keeps
+going. A batch is handed over only after its dead letters are
 acknowledged, and :meth:`EventConsumer.run` commits the batch's offsets only after the
 handler returned: a consumer that crashes anywhere resumes from the last commit and
 loses nothing (at-least-once; the handler may see a batch again after a crash).
@@ -31,7 +32,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 from streams.deadletter import DeadLetterWriter
 from streams.errors import EventValidationError
-from streams.events import Event, decode_event
+from streams.events import Event, decode_events
 from streams.transport import (
     Consumer,
     KafkaSettings,
@@ -234,6 +235,12 @@ class EventConsumer:
         floor = self._floor
         dead = dups = 0
         taken = 0
+        # decode the whole batch in one call unless max_events may stop it early
+        if want >= len(records):
+            decoded = iter(decode_events([rec.value for rec in records if not (
+                floor and rec.offset < floor.get((rec.topic, rec.partition), -1))]))
+        else:
+            decoded = None
         for rec in records:
             if len(events) >= want:
                 break
@@ -243,16 +250,12 @@ class EventConsumer:
                 dups += 1  # handled before; the floor already covers its offset
                 continue
             offsets[key] = rec.offset + 1
-            try:
-                if rec.value is None:
-                    raise EventValidationError("the record has no value (a tombstone?)", reason="json")
-                event = decode_event(rec.value)
-            except EventValidationError as exc:
-                self.dead_letters.write(rec, exc.reason, str(exc))
-                dead += 1
-                continue
-            except (ValueError, TypeError, OverflowError) as exc:  # a validator gap: keep the record
-                self.dead_letters.write(rec, "invalid", f"{type(exc).__name__}: {exc}")
+            event = next(decoded) if decoded is not None else decode_events([rec.value])[0]
+            if type(event) is not Event:
+                if isinstance(event, EventValidationError):
+                    self.dead_letters.write(rec, event.reason, str(event))
+                else:  # a validator gap (ValueError, TypeError, OverflowError): keep the record
+                    self.dead_letters.write(rec, "invalid", f"{type(event).__name__}: {event}")
                 dead += 1
                 continue
             events.append(event)

@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Union
+from operator import itemgetter
+from typing import Any, Iterable, Literal, Mapping, Union
 
 import orjson
 
@@ -44,6 +45,7 @@ __all__ = [
     "FeatureValue",
     "encode_event",
     "decode_event",
+    "decode_events",
     "event_from_dict",
 ]
 
@@ -144,11 +146,45 @@ def decode_event(raw: bytes | str) -> Event:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise EventValidationError(f"not valid JSON: {exc}", reason="json") from None
-    if not isinstance(obj, dict):
+    if type(obj) is dict:
+        event = _fast_from_dict(obj)
+        if event is not None:
+            return event
+    elif not isinstance(obj, dict):
         raise EventValidationError(
             f"an event must be a JSON object, got {type(obj).__name__}", reason="type"
         )
     return event_from_dict(obj)
+
+
+def decode_events(raws: Iterable[bytes | str | None]) -> list[Event | Exception]:
+    """:func:`decode_event` of each record value, in one call for a batch: the
+    :class:`Event`, or the exception that rejected it (an :class:`EventValidationError`
+    with its ``reason``, reason ``json`` for ``None``, a tombstone; a ``ValueError``,
+    ``TypeError`` or ``OverflowError`` is a validator gap). Lines up with ``raws``.
+
+    >>> ok = encode_event(Event(kind="click", event_id="e", event_time=0, user_id="u",
+    ...                         request_id="r", item_id="i", label=1))
+    >>> [r.kind if isinstance(r, Event) else r.reason for r in decode_events([ok, b'{"kind": 1}', b'[', None])]
+    ['click', 'missing_field', 'json', 'json']
+    """
+    out: list[Event | Exception] = []
+    append, loads, fast = out.append, orjson.loads, _fast_from_dict
+    for raw in raws:
+        try:
+            obj = loads(raw)
+        except (orjson.JSONDecodeError, TypeError):
+            obj = None  # decode_event below says why
+        event = fast(obj) if type(obj) is dict else None
+        if event is None:
+            try:
+                if raw is None:
+                    raise EventValidationError("the record has no value (a tombstone?)", reason="json")
+                event = event_from_dict(obj) if type(obj) is dict else decode_event(raw)
+            except (EventValidationError, ValueError, TypeError, OverflowError) as exc:
+                event = exc
+        append(event)
+    return out
 
 
 def _require_str(obj: Mapping[str, Any], name: str) -> str:
@@ -193,6 +229,111 @@ def _features(obj: Mapping[str, Any], name: str) -> dict[str, FeatureValue]:
                 reason="type",
             )
     return out
+
+
+_FINITE_MAX = 1.7976931348623157e308
+_SAFE_INT = 2**53  # an integer event_time below it converts to float exactly, never overflows
+_ITEM_SHAPE = frozenset(_REQUIRED + ("user_features", "item_id", "item_features", "label", "position"))
+_REQUEST_SHAPE = frozenset(_REQUIRED + ("user_features",))
+#: kind -> the key sets the fast path takes: what :func:`encode_event` writes (``None``
+#: fields left out). Anything else goes through :func:`event_from_dict`.
+_SHAPES: dict[str, tuple[frozenset[str], ...]] = {
+    "impression": (_ITEM_SHAPE,),
+    "click": (_ITEM_SHAPE, _ITEM_SHAPE - {"position"}, _ITEM_SHAPE - {"label"}, _ITEM_SHAPE - {"label", "position"}),
+    "request": (_REQUEST_SHAPE | {"k"}, _REQUEST_SHAPE),
+}
+_BASE_ORDER = ("schema_version", "kind", "event_id", "event_time", "user_id", "request_id", "user_features")
+_ORDERS: dict[tuple[str, ...], frozenset[str]] = {
+    _BASE_ORDER + ("item_id", "item_features", "label", "position"): frozenset({"impression", "click"}),
+    _BASE_ORDER + ("item_id", "item_features", "label"): frozenset({"click"}),
+    _BASE_ORDER + ("k",): frozenset({"request"}),
+    _BASE_ORDER: frozenset({"request"}),
+}
+_COMMON = itemgetter("schema_version", "event_time", "event_id", "user_id", "request_id", "user_features")
+_PLAIN = frozenset({str, int})  # feature value types kept as they are (bool is not int here)
+_PLAIN_FLOAT_LIST = frozenset({str, int, float, list})
+
+
+def _fast_features(raw: Any) -> dict[str, FeatureValue] | None:
+    """:func:`_features` of ``raw`` when all its values are plain strings, ints, finite
+    floats or lists of strings (``raw`` itself, or a copy with tuples for the lists);
+    ``None`` for anything else (then the full validator decides). ``raw`` is not changed."""
+    if type(raw) is not dict:
+        return None
+    types = set(map(type, raw.values()))
+    if types <= _PLAIN:
+        return raw
+    if not types <= _PLAIN_FLOAT_LIST:
+        return None
+    out = {}
+    for key, value in raw.items():
+        t = type(value)
+        if t is list:
+            for v in value:
+                if type(v) is not str:
+                    return None
+            value = tuple(value)
+        elif t is float and not -_FINITE_MAX <= value <= _FINITE_MAX:  # NaN fails both
+            return None
+        out[key] = value
+    return out
+
+
+def _fast_from_dict(obj: dict[str, Any]) -> Event | None:
+    """The :class:`Event` of a decoded record in one of the common valid shapes, checked
+    with exact types; ``None`` (``obj`` untouched) when any check fails: then
+    :func:`event_from_dict` decides and gives the reason. Accepts nothing that
+    :func:`event_from_dict` rejects and builds an equal event; ``obj`` becomes its
+    ``__dict__``."""
+    kind = obj.get("kind")
+    kinds = _ORDERS.get(tuple(obj))  # the key orders encode_event writes: no set to build
+    if kinds is None:
+        shapes = _SHAPES.get(kind) if type(kind) is str else None
+        if shapes is None or not any(obj.keys() == shape for shape in shapes):
+            return None
+    elif type(kind) is not str or kind not in kinds:
+        return None
+    version, t, a, b, c, user_features = _COMMON(obj)
+    if type(version) is not int or version != SCHEMA_VERSION:
+        return None
+    if type(t) is float:
+        if not 0.0 <= t <= _FINITE_MAX:  # NaN fails
+            return None
+    elif type(t) is not int or not 0 <= t < _SAFE_INT:
+        return None
+    if not (type(a) is str and type(b) is str and type(c) is str
+            and 0 < len(a) <= _MAX_ID_LEN and 0 < len(b) <= _MAX_ID_LEN and 0 < len(c) <= _MAX_ID_LEN):
+        return None
+    user_features = _fast_features(user_features)
+    if user_features is None:
+        return None
+    if kind == "request":
+        k = obj.get("k")
+        if k is not None and (type(k) is not int or not 1 <= k <= 10_000):
+            return None
+        label = position = item_id = None
+        item_features: dict[str, FeatureValue] | None = {}
+    else:
+        label, position, k, item_id = obj.get("label", 1), obj.get("position"), None, obj["item_id"]
+        if type(label) is not int or label != 1 and (kind == "click" or label != 0):
+            return None
+        if position is None:
+            if kind == "impression":
+                return None
+        elif type(position) is not int or position < 0:
+            return None
+        if type(item_id) is not str or not 0 < len(item_id) <= _MAX_ID_LEN:
+            return None
+        item_features = _fast_features(obj["item_features"])
+        if item_features is None:
+            return None
+    # valid: obj becomes the event's fields
+    obj["event_time"] = float(t)
+    obj["user_features"], obj["item_id"], obj["item_features"] = user_features, item_id, item_features
+    obj["label"], obj["position"], obj["k"] = label, position, k
+    event = object.__new__(Event)
+    object.__setattr__(event, "__dict__", obj)
+    return event
 
 
 def _fast_event(**fields: Any) -> Event:
