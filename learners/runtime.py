@@ -33,6 +33,7 @@ then checkpoint, commit, close.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -357,10 +358,33 @@ class StreamLearnerRuntime:
         """Finish the batch in hand, checkpoint, commit and return from :meth:`run`."""
         self._stop.set()
 
-    def install_signal_handlers(self) -> None:
-        """Stop gracefully on SIGTERM and SIGINT (call from the main thread)."""
+    def install_signal_handlers(self, exit_after_s: float | None = 30.0) -> None:
+        """Stop gracefully on SIGTERM and SIGINT (call from the main thread).
+
+        ``exit_after_s``: if the graceful stop has not returned that long after the first
+        signal (a dead broker can block a final commit or the client's close for ever),
+        the process exits with status 3. That loses nothing and learns nothing twice:
+        the newest checkpoint holds the model with the offsets it reflects, and a restart
+        resumes from there. ``None`` waits for ever.
+        """
+
+        def on_signal(signum: int, _frame: Any) -> None:
+            first = not self._stop.is_set()
+            self.stop()
+            if first and exit_after_s is not None:
+                timer = threading.Timer(exit_after_s, self._exit_stuck, args=(signum, exit_after_s))
+                timer.daemon = True
+                timer.start()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda _signum, _frame: self.stop())
+            signal.signal(sig, on_signal)
+
+    @staticmethod
+    def _exit_stuck(signum: int, waited_s: float) -> None:
+        log.error("still stopping %.0f s after signal %d (is the broker gone?): exiting without the final "
+                  "commit; the newest checkpoint and its offsets are where a restart resumes", waited_s, signum)
+        logging.shutdown()
+        os._exit(3)
 
     def _open(self) -> EventConsumer:
         producer = self.producer

@@ -42,7 +42,6 @@ Run directory::
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import math
@@ -60,6 +59,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, TextIO
 
+from streams.broker import preexec_die_with_parent
 from streams.errors import ConfigError
 
 __all__ = ["DemoConfig", "Demo", "DEFAULT_RATE", "DEFAULT_DURATION_S", "sample_key", "parse_metrics",
@@ -225,25 +225,6 @@ class Child:
         return rc
 
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _child_setup() -> Callable[[], None] | None:
-    """A ``preexec_fn`` making the kernel SIGTERM the child when the demo dies (Linux)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        prctl = libc.prctl
-    except (OSError, AttributeError):
-        return None
-
-    def setup() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-    return setup
-
-
 def kafka_client(requested: str | None) -> str:
     """The Kafka client of the children: ``requested`` if given, else confluent-kafka when it
     is installed (librdkafka costs a fraction of kafka-python's CPU per record), else kafka-python."""
@@ -318,7 +299,7 @@ class Demo:
         self._last_print = 0.0
         self._versions_seen: set[int] = set()
         self._item_first: dict[str, list[float]] = {}  # item -> [version, published_at]
-        self._preexec = _child_setup()
+        self._preexec = preexec_die_with_parent()
         self._learners_started = 0.0
         self.scrape_timeout_s = 8.0
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="scrape")
@@ -410,7 +391,9 @@ class Demo:
         if self.bootstrap is None:
             from streams.broker import BrokerConfig, LocalBroker
 
-            self.broker = LocalBroker(BrokerConfig.from_env(port=0, controller_port=0, data_dir=self.out / "broker"))
+            # die_with_parent: even a SIGKILLed demo leaves no broker behind
+            self.broker = LocalBroker(BrokerConfig.from_env(port=0, controller_port=0, data_dir=self.out / "broker"),
+                                      die_with_parent=True)
             print("starting a local Kafka broker ...", file=self.stream, flush=True)
             self.bootstrap = self.broker.start()
             print(f"Kafka broker on {self.bootstrap} (pid {self.broker._proc.pid})", file=self.stream, flush=True)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ctypes
 import fcntl
 import json
 import logging
@@ -32,16 +33,18 @@ import signal
 import socket
 import string
 import subprocess
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Iterator, Literal, Mapping
+from typing import Any, Callable, Iterator, Literal, Mapping
 
 from streams.errors import ConfigError, StreamsError
 
 __all__ = [
+    "preexec_die_with_parent",
     "BrokerConfig",
     "BrokerError",
     "BrokerAlreadyRunningError",
@@ -366,6 +369,31 @@ def _tail(path: Path, lines: int = 40) -> str:
         return "(no log)"
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def preexec_die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the kernel SIGTERM the child when its parent dies (Linux).
+
+    For launchers that must leave nothing behind even when they are SIGKILLed (the demo):
+    the child's graceful shutdown still runs, since it gets SIGTERM, not SIGKILL. ``None``
+    where ``prctl`` is not available (the caller then relies on its own cleanup). The
+    signal follows the *thread* that started the child: start such children from a
+    thread that lives as long as the launcher (the main thread).
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+    def setup() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+    return setup
+
+
 class LocalBroker:
     """A single-node KRaft Kafka broker in a child process group.
 
@@ -375,8 +403,9 @@ class LocalBroker:
     ports of 0 are resolved, so :attr:`bootstrap` is the real address.
     """
 
-    def __init__(self, config: BrokerConfig | None = None) -> None:
+    def __init__(self, config: BrokerConfig | None = None, *, die_with_parent: bool = False) -> None:
         self.config = config if config is not None else BrokerConfig.from_env()
+        self.die_with_parent = die_with_parent
         self._proc: subprocess.Popen[bytes] | None = None
 
     # paths
@@ -430,7 +459,8 @@ class LocalBroker:
         logger.info("starting Kafka %s on %s (data %s)", self.config.kafka_version, self.bootstrap, self.data_dir)
         with open(self.log_file, "ab") as out:
             self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                          start_new_session=True, cwd=self.data_dir)
+                                          start_new_session=True, cwd=self.data_dir,
+                                          preexec_fn=preexec_die_with_parent() if self.die_with_parent else None)
         info = {"pid": self._proc.pid, "bootstrap": self.bootstrap, "port": self.config.port,
                 "controller_port": self.config.controller_port, "started_at": time.time()}
         (self.data_dir / _PID_FILE).write_text(json.dumps(info))

@@ -4,7 +4,7 @@ Each test runs the real command in a subprocess with its own local Kafka broker 
 port check covers the broker too), then reads what the run directory says: the report
 and its plots, the scrapes in ``timeseries.jsonl``, and ``pids.json`` (every child pid
 and every port the demo used), and checks that no child survived and no port still
-listens. The second test stops a demo with SIGINT while it runs.
+listens. The second test stops a demo with SIGINT while it runs, the third SIGKILLs one.
 
 Unit tests of the pure helpers (metrics parsing, histogram quantiles, the ordering
 check) sit at the end and need no broker.
@@ -152,6 +152,48 @@ def test_demo_stops_cleanly_on_sigint(tmp_path, local_broker_config):
     assert proc.returncode == 0, f"demo did not stop cleanly ({proc.returncode}):\n{out[-4000:]}"
     assert "SIGINT" in json.loads((run / "demo.json").read_text())["stop_reason"]
     assert not (run / "report.md").exists()  # --no-report
+    _assert_nothing_left(run)
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_a_sigkilled_demo_leaves_nothing_running(tmp_path, local_broker_config):
+    """SIGKILL gives the demo no chance to clean up: the kernel must stop its children and
+    its broker (``PR_SET_PDEATHSIG``), which then shut down by themselves."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serving.cli", "demo", "--duration", "300", "--rate", "500", "--out", str(run),
+         "--no-report"],
+        cwd=REPO, env=_demo_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            pids_file = run / "pids.json"
+            if pids_file.is_file() and "producer" in json.loads(pids_file.read_text())["children"]:
+                break
+            assert proc.poll() is None, "demo exited early"
+            time.sleep(0.5)
+        else:
+            pytest.fail("the demo did not start its producer within 240 s")
+        time.sleep(3)
+        pids = json.loads((run / "pids.json").read_text())
+        assert pids.get("broker") and _alive(pids["broker"]), "the broker should be running before the kill"
+        proc.kill()
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    # the children get SIGTERM from the kernel and stop on their own (a learner finishes its
+    # batch and checkpoints, or exits 30 s later if the gone broker blocks its final commit;
+    # the broker shuts down): give them time, then check
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        everyone = {**pids["children"], "broker": pids["broker"]}
+        if not any(pid and _alive(pid) for pid in everyone.values()):
+            break
+        time.sleep(1)
     _assert_nothing_left(run)
 
 
