@@ -464,6 +464,10 @@ class FeatureEncoder:
     unknown key at prediction time - takes the general path: a per-field *bag cache*
     (value -> tuple of rows) and, for values in neither cache, the id table (the slow
     path, once per new value). Both caches are dropped whenever the store frees rows.
+
+    Inference over a catalogue takes columns instead (:meth:`encode_columns`, what
+    ``encode_items`` runs): no per-example dicts, each column read straight from the id
+    tables or through per-value codes, bags built with numpy (:class:`ColumnBags`).
     """
 
     def __init__(self, store: EmbeddingStore, user_fields: Sequence[str], item_fields: Sequence[str]) -> None:
@@ -657,7 +661,6 @@ class FeatureEncoder:
         t = self._tables.get(field)
         if t is None:
             t = self._tables[field] = _BagTable()
-        n = len(col)
         get = t.codes.get
         try:
             codes = np.fromiter(map(get, col, repeat(-1)), dtype=np.int64, count=n)
