@@ -24,7 +24,8 @@ id + 4 user features, item id + category, tags (multi-valued) and price, positio
   ``distinct`` gives every item its own id (the copies' ids are unknown to the model, as
   for catalogue items never shown), so each id is resolved once per call.
 
-Rates are medians over ``--runs`` runs, each as wall-clock events/s and as CPU events/s
+Rates are medians over ``--runs`` runs (inference modes taken in turn within each run),
+each as wall-clock events/s and as CPU events/s
 (process CPU time): on a machine shared with other jobs the wall rate measures the
 neighbours too, the CPU rate (with one torch thread) does not.
 
@@ -148,18 +149,16 @@ def bench_inference(name: str, xs, ys, args) -> list[dict[str, Any]]:
         "columns-cold": (restored, lambda lrn: lrn.encode_item_columns(ids, columns)),
     }
     want = learner.encode_item_columns(ids, columns)
-    out = []
-    for mode in args.modes:
-        setup, run = modes[mode]
-        rates = []
-        for _ in range(args.runs):
+    rates: dict[str, list[tuple[float, float]]] = {mode: [] for mode in args.modes}
+    for _ in range(args.runs):  # round robin: a neighbour's burst hits every mode alike
+        for mode in args.modes:
+            setup, run = modes[mode]
             ctx = setup()
             wall, cpu = timed(lambda: run(ctx))
-            rates.append((len(items) / wall, len(items) / cpu))
-        out.append({"model": name, "mode": mode, "chunk": args.chunk, "items": len(items),
-                    "distinct_items": len(catalogue),
-                    "items_wall_per_s": statistics.median(r[0] for r in rates),
-                    "items_cpu_per_s": statistics.median(r[1] for r in rates)})
+            rates[mode].append((len(items) / wall, len(items) / cpu))
+    out = [{"model": name, "mode": mode, "chunk": args.chunk, "items": len(items), "distinct_items": len(catalogue),
+            "items_wall_per_s": statistics.median(r[0] for r in rs),
+            "items_cpu_per_s": statistics.median(r[1] for r in rs)} for mode, rs in rates.items()]
     if not np.array_equal(learner.encode_items(items[: args.chunk]), want[: args.chunk]):
         raise SystemExit(f"{name}: encode_items and encode_item_columns disagree")
     return out
