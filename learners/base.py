@@ -33,17 +33,43 @@ ITEM_PREFIX = "i:"
 CTX_PREFIX = "ctx:"
 
 
+# Prefixed feature names, one string object per name: every example of a stream then shares
+# its keys, and the learners' per-field dict look-ups compare them by identity instead of
+# character by character (~10% of the hashed LR's time). Bounded: past the cap (a stream
+# with unbounded feature names) names are concatenated per example as before.
+_USER_KEYS: dict[str, str] = {}
+_ITEM_KEYS: dict[str, str] = {}
+_MAX_KEYS = 4096
+_POSITION_KEY = CTX_PREFIX + "position"
+
+
+def _prefixed(cache: dict[str, str], prefix: str, name: str) -> str:
+    key = prefix + name
+    if len(cache) < _MAX_KEYS:
+        cache[name] = key
+    return key
+
+
 def event_to_x(event: Event, *, with_position: bool = True) -> dict[str, FeatureValue]:
-    """The learner-facing example of an impression or click (or a request: no item)."""
+    """The learner-facing example of an impression or click (or a request: no item).
+
+    >>> from streams.events import Event
+    >>> e = Event(kind="impression", event_id="e1", event_time=0.0, user_id="u1", request_id="r1",
+    ...           user_features={"age": "25-34"}, item_id="i9", item_features={"tags": ("a",)}, label=0, position=2)
+    >>> event_to_x(e)
+    {'user_id': 'u1', 'u:age': '25-34', 'item_id': 'i9', 'i:tags': ('a',), 'ctx:position': 2}
+    """
     x: dict[str, FeatureValue] = {"user_id": event.user_id}
+    keys = _USER_KEYS
     for name, value in event.user_features.items():
-        x[USER_PREFIX + name] = value
+        x[keys.get(name) or _prefixed(keys, USER_PREFIX, name)] = value
     if event.item_id is not None:
         x["item_id"] = event.item_id
+        keys = _ITEM_KEYS
         for name, value in event.item_features.items():
-            x[ITEM_PREFIX + name] = value
+            x[keys.get(name) or _prefixed(keys, ITEM_PREFIX, name)] = value
     if with_position and event.position is not None:
-        x[CTX_PREFIX + "position"] = event.position
+        x[_POSITION_KEY] = event.position
     return x
 
 
