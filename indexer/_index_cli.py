@@ -69,6 +69,9 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
         p.add_argument("--recall-target", type=float, default=0.95, help="nprobe is tuned to reach this recall@K")
         p.add_argument("--min-recall", type=float, default=0.90, help="guardrail: refuse below this recall@K")
         p.add_argument("--max-auc-drop", type=float, default=0.02, help="guardrail: allowed held-out AUC drop")
+        p.add_argument("--threads", type=int, default=1,
+                       help="torch threads of the item tower (default 1: its small layers gain nothing from a "
+                            "second thread, which costs CPU the learners and the scorer need); FAISS keeps its own")
 
     run = actions.add_parser("run", help="follow the stream and rebuild periodically (until Ctrl-C)")
     build(run)
@@ -116,6 +119,11 @@ def _settings(args: argparse.Namespace, required: bool) -> KafkaSettings | None:
 def _service(args: argparse.Namespace, announcer: Announcer | None, held_out: Any) -> IndexerService:
     if not 0 < args.recall_target <= 1:
         raise ConfigError(f"--recall-target must be in (0, 1], got {args.recall_target}")
+    if args.threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+    import torch  # CLI glue: the service itself never sets process-wide threads
+
+    torch.set_num_threads(args.threads)
     catalogue = Catalogue()
     if args.catalogue is not None:
         catalogue.load_jsonl(args.catalogue)

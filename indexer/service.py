@@ -183,7 +183,10 @@ class IndexerService:
         Build early once the checkpoint learned this many events more than the served
         version's (None: period only).
     embed_batch
-        Items per ``encode_items`` call.
+        Most items per ``encode_items`` call (bounds the memory of one call). A two-tower
+        learner chunks its tower by itself and resolves each distinct feature value once
+        per call, so fewer, larger calls are faster: one call per build embedded 200k items
+        at 1.40M items/s, calls of 16k at 1.02M (plain two-tower, one torch thread).
     clock
         Monotonic time source (injected so tests drive time).
     wall_clock
@@ -204,7 +207,7 @@ class IndexerService:
         held_out: HeldOutProvider | None = None,
         period_s: float = 60.0,
         every_n_updates: int | None = None,
-        embed_batch: int = 8192,
+        embed_batch: int = 1 << 20,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         build_hook: Callable[[str, Path], None] | None = None,
