@@ -590,7 +590,15 @@ class _CKConsumer:
         self._c.subscribe(list(topics), on_assign=assigned, on_revoke=revoked)
 
     def assign(self, partitions: Iterable[TopicPartition]) -> None:
-        self._c.assign([self._ctp(tp) for tp in partitions])
+        if self.group_id is None:
+            # No group: nothing is committed, so start at the beginning explicitly. Left to
+            # librdkafka, it first asks the (placeholder) group's coordinator for committed
+            # offsets, and on a fresh cluster that answers NOT_COORDINATOR once and the
+            # partitions never start fetching.
+            begin = self._ck.OFFSET_BEGINNING
+            self._c.assign([self._ctp(tp, begin) for tp in partitions])
+        else:
+            self._c.assign([self._ctp(tp) for tp in partitions])
 
     def assignment(self) -> frozenset[TopicPartition]:
         return frozenset(TopicPartition(p.topic, p.partition) for p in self._c.assignment())
