@@ -122,27 +122,35 @@ def test_demo_runs_reports_and_leaves_nothing_running(tmp_path, local_broker_con
     _assert_nothing_left(run)
 
 
-@pytest.mark.kafka
-@pytest.mark.slow
-def test_demo_stops_cleanly_on_sigint(tmp_path, local_broker_config):
-    run = tmp_path / "run"
+def _start_long_demo(run: Path) -> subprocess.Popen:
+    """A 300 s demo in a subprocess, returned once its producer runs (every learner answers)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "serving.cli", "demo", "--duration", "300", "--rate", "500", "--out", str(run),
          "--no-report"],
         cwd=REPO, env=_demo_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
+    deadline = time.monotonic() + 240
     try:
-        # interrupt while everything runs: the producer starts once every learner answers
-        deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
             pids_file = run / "pids.json"
             if pids_file.is_file() and "producer" in json.loads(pids_file.read_text())["children"]:
-                break
+                return proc
             assert proc.poll() is None, f"demo exited early:\n{proc.stdout.read()[-4000:]}"
             time.sleep(0.5)
-        else:
-            pytest.fail("the demo did not start its producer within 240 s")
-        time.sleep(5)
+        pytest.fail("the demo did not start its producer within 240 s")
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_demo_stops_cleanly_on_sigint(tmp_path, local_broker_config):
+    run = tmp_path / "run"
+    proc = _start_long_demo(run)
+    try:
+        time.sleep(5)  # interrupt while everything runs
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=180)
     finally:
@@ -161,26 +169,13 @@ def test_a_sigkilled_demo_leaves_nothing_running(tmp_path, local_broker_config):
     """SIGKILL gives the demo no chance to clean up: the kernel must stop its children and
     its broker (``PR_SET_PDEATHSIG``), which then shut down by themselves."""
     run = tmp_path / "run"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "serving.cli", "demo", "--duration", "300", "--rate", "500", "--out", str(run),
-         "--no-report"],
-        cwd=REPO, env=_demo_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    proc = _start_long_demo(run)
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            pids_file = run / "pids.json"
-            if pids_file.is_file() and "producer" in json.loads(pids_file.read_text())["children"]:
-                break
-            assert proc.poll() is None, "demo exited early"
-            time.sleep(0.5)
-        else:
-            pytest.fail("the demo did not start its producer within 240 s")
         time.sleep(3)
         pids = json.loads((run / "pids.json").read_text())
         assert pids.get("broker") and _alive(pids["broker"]), "the broker should be running before the kill"
         proc.kill()
-        proc.wait(timeout=30)
+        proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
