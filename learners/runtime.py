@@ -33,7 +33,6 @@ then checkpoint, commit, close.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
 import time
@@ -49,6 +48,7 @@ from learners.checkpoint import Checkpoint, flat_offsets, load_checkpoint, nest_
 from streams.consumer import ConsumerCounts, EventConsumer, IdleTimer
 from streams.deadletter import DeadLetterWriter
 from streams.errors import ConfigError, StreamsError
+from streams.shutdown import exit_if_still_stopping
 from streams.topics import Topics
 from streams.transport import (
     Consumer,
@@ -372,19 +372,10 @@ class StreamLearnerRuntime:
             first = not self._stop.is_set()
             self.stop()
             if first and exit_after_s is not None:
-                timer = threading.Timer(exit_after_s, self._exit_stuck, args=(signum, exit_after_s))
-                timer.daemon = True
-                timer.start()
+                exit_if_still_stopping(exit_after_s, f"learner {self.group_id} (signal {signum})")
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, on_signal)
-
-    @staticmethod
-    def _exit_stuck(signum: int, waited_s: float) -> None:
-        log.error("still stopping %.0f s after signal %d (is the broker gone?): exiting without the final "
-                  "commit; the newest checkpoint and its offsets are where a restart resumes", waited_s, signum)
-        logging.shutdown()
-        os._exit(3)
 
     def _open(self) -> EventConsumer:
         producer = self.producer

@@ -22,6 +22,7 @@ from pathlib import Path
 from types import FrameType
 
 from streams.errors import ConfigError
+from streams.shutdown import exit_if_still_stopping
 from streams.topics import Topics
 from streams.transport import KafkaSettings
 
@@ -117,5 +118,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         app.wait()
     finally:
+        # a gone broker can block the final commit or the clients' close for ever
+        exit_if_still_stopping(30.0, "towerstream serve")
         app.stop()
     return 0
