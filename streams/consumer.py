@@ -235,20 +235,21 @@ class EventConsumer:
         floor = self._floor
         dead = dups = 0
         taken = 0
+        # handled before: the floor already covers their offsets (it moves only after the loop)
+        dup = [bool(floor) and rec.offset < floor.get((rec.topic, rec.partition), -1) for rec in records]
         # decode the whole batch in one call unless max_events may stop it early
         if want >= len(records):
-            decoded = iter(decode_events([rec.value for rec in records if not (
-                floor and rec.offset < floor.get((rec.topic, rec.partition), -1))]))
+            decoded = iter(decode_events([rec.value for rec, d in zip(records, dup) if not d]))
         else:
             decoded = None
-        for rec in records:
+        for rec, is_dup in zip(records, dup):
             if len(events) >= want:
                 break
             taken += 1
-            key = (rec.topic, rec.partition)
-            if floor and rec.offset < floor.get(key, -1):
-                dups += 1  # handled before; the floor already covers its offset
+            if is_dup:
+                dups += 1
                 continue
+            key = (rec.topic, rec.partition)
             offsets[key] = rec.offset + 1
             event = next(decoded) if decoded is not None else decode_events([rec.value])[0]
             if type(event) is not Event:
