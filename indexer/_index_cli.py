@@ -35,7 +35,7 @@ from indexer.service import FileCheckpointSource, FrozenModel, IndexerService
 from learners.base import X, event_to_x
 from streams.errors import ConfigError
 from streams.events import decode_event
-from streams.shutdown import exit_if_still_stopping
+from streams.shutdown import STOP_DEADLINE_S, exit_if_still_stopping
 from streams.topics import Topics
 from streams.transport import KafkaSettings, make_producer
 
@@ -218,7 +218,7 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         stop.set()
     finally:
-        exit_if_still_stopping(30.0, "towerstream index run")  # a gone broker can block the close
+        exit_if_still_stopping(STOP_DEADLINE_S, "towerstream index run")  # a gone broker can block the close
         follower.stop()
         producer.close()
         if server is not None:

@@ -48,7 +48,7 @@ from learners.checkpoint import Checkpoint, flat_offsets, load_checkpoint, nest_
 from streams.consumer import ConsumerCounts, EventConsumer, IdleTimer
 from streams.deadletter import DeadLetterWriter
 from streams.errors import ConfigError, StreamsError
-from streams.shutdown import exit_if_still_stopping
+from streams.shutdown import STOP_DEADLINE_S, exit_if_still_stopping
 from streams.topics import Topics
 from streams.transport import (
     Consumer,
@@ -358,7 +358,7 @@ class StreamLearnerRuntime:
         """Finish the batch in hand, checkpoint, commit and return from :meth:`run`."""
         self._stop.set()
 
-    def install_signal_handlers(self, exit_after_s: float | None = 30.0) -> None:
+    def install_signal_handlers(self, exit_after_s: float | None = STOP_DEADLINE_S) -> None:
         """Stop gracefully on SIGTERM and SIGINT (call from the main thread).
 
         ``exit_after_s``: if the graceful stop has not returned that long after the first

@@ -22,7 +22,7 @@ from pathlib import Path
 from types import FrameType
 
 from streams.errors import ConfigError
-from streams.shutdown import exit_if_still_stopping
+from streams.shutdown import STOP_DEADLINE_S, exit_if_still_stopping
 from streams.topics import Topics
 from streams.transport import KafkaSettings
 
@@ -119,6 +119,6 @@ def _serve(args: argparse.Namespace) -> int:
         app.wait()
     finally:
         # a gone broker can block the final commit or the clients' close for ever
-        exit_if_still_stopping(30.0, "towerstream serve")
+        exit_if_still_stopping(STOP_DEADLINE_S, "towerstream serve")
         app.stop()
     return 0

@@ -21,12 +21,14 @@ import logging
 import os
 import threading
 
-__all__ = ["exit_if_still_stopping", "STUCK_EXIT_STATUS"]
+__all__ = ["exit_if_still_stopping", "STUCK_EXIT_STATUS", "STOP_DEADLINE_S"]
 
 log = logging.getLogger(__name__)
 
 #: Exit status of a process that gave up on a graceful stop.
 STUCK_EXIT_STATUS = 3
+#: Seconds the long-running commands (learn, serve, index run) give a graceful stop.
+STOP_DEADLINE_S = 30.0
 
 
 def _exit(what: str, after_s: float) -> None:
