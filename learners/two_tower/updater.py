@@ -291,9 +291,9 @@ class TwoTowerLearner:
     def _id_vectors(self, store: EmbeddingStore, keys: Sequence[Any], field: str, insert: bool):
         """Per-id vectors (B, dim) of ``keys`` from ``store`` (zeros for unknown ids), plus
         the unique rows and their leaf tensor (for the sparse update)."""
-        table = store.table(field)
-        rows = np.fromiter(map(table.get, keys, repeat(-1)), dtype=np.int64, count=len(keys))
+        rows = self._id_rows(store, keys, field)
         if insert:
+            table = store.table(field)
             for i in np.flatnonzero(rows < 0).tolist():
                 k = keys[i]
                 if k is not None:
