@@ -207,7 +207,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.metrics_port is not None:
         from prometheus_client import REGISTRY
 
-        from serving.metrics import IndexerStatsCollector, indexer_ready, start_metrics_server
+        from indexer.prometheus import IndexerStatsCollector, indexer_ready
+        from streams.exposition import start_metrics_server
 
         REGISTRY.register(IndexerStatsCollector(service))
         server = start_metrics_server(args.metrics_port, ready=indexer_ready(service))

@@ -145,7 +145,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.metrics_port is not None:
         from prometheus_client import REGISTRY
 
-        from serving.metrics import LearnerStatsCollector, learner_ready, start_metrics_server
+        from learners.prometheus import LearnerStatsCollector, learner_ready
+        from streams.exposition import start_metrics_server
 
         REGISTRY.register(LearnerStatsCollector(runtime, topic=topics.events))
         server = start_metrics_server(args.metrics_port, ready=learner_ready(runtime))

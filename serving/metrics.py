@@ -9,10 +9,14 @@ Three producers export them, one per process kind, and Prometheus tells them apa
 
 * the scorer process creates a :class:`Metrics` (instrumented directly by the scorer,
   the request consumer, the online evaluator and the HTTP server);
-* a learner process registers a :class:`LearnerStatsCollector` that reads the plain
-  Python stats object of its stream runtime at scrape time;
-* the indexer process registers an :class:`IndexerStatsCollector` that reads the
-  indexer service's counters at scrape time.
+* a learner process registers a :class:`learners.prometheus.LearnerStatsCollector` that
+  reads the plain Python stats object of its stream runtime at scrape time;
+* the indexer process registers an :class:`indexer.prometheus.IndexerStatsCollector` that
+  reads the indexer service's counters at scrape time.
+
+Each is defined in the layer that produces it; this module re-exports them so a reader
+finds every name in one place. The shared server and helpers are in
+:mod:`streams.exposition`.
 
 Tests pass their own ``CollectorRegistry``; processes use the default one.
 
@@ -26,34 +30,29 @@ Tests pass their own ``CollectorRegistry``; processes use the default one.
 True
 """
 
+
 from __future__ import annotations
 
-import functools
-import inspect
-import logging
-import math
-import re
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable
 
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    REGISTRY,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    Info,
-    generate_latest,
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from indexer.prometheus import BUILD_BUCKETS, IndexerStatsCollector, indexer_ready
+from learners.prometheus import LearnerStatsCollector, learner_ready
+from streams.exposition import (
+    PREFIX,
+    MetricsHTTPServer,
+    metric_names,
+    number as _num,
+    start_metrics_server,
+    version_number,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 __all__ = [
     "PREFIX",
     "LATENCY_BUCKETS",
+    "BUILD_BUCKETS",
     "STAGES",
     "Metrics",
     "LearnerStatsCollector",
@@ -66,9 +65,6 @@ __all__ = [
     "version_number",
 ]
 
-logger = logging.getLogger(__name__)
-
-PREFIX = "towerstream"
 STAGES: tuple[str, ...] = ("encode", "retrieve", "prerank", "total")
 """``stage`` label values of the scoring latency histogram."""
 
@@ -76,23 +72,6 @@ STAGES: tuple[str, ...] = ("encode", "retrieve", "prerank", "total")
 LATENCY_BUCKETS: tuple[float, ...] = (
     0.0002, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 )
-BUILD_BUCKETS: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
-
-
-def version_number(version: Any) -> float:
-    """A version as a number for a gauge: ints as is, else the last run of digits.
-
-    >>> version_number(12), version_number("v000042"), version_number("20240101T1200-7")
-    (12.0, 42.0, 7.0)
-    >>> version_number(None)
-    nan
-    """
-    if isinstance(version, bool) or version is None:
-        return float("nan")
-    if isinstance(version, (int, float)):
-        return float(version)
-    digits = re.findall(r"\d+", str(version))
-    return float(digits[-1]) if digits else float("nan")
 
 
 class Metrics:
@@ -255,332 +234,3 @@ class Metrics:
 
 # --------------------------------------------------------------------------- collectors
 
-
-def _num(value: Any) -> float | None:
-    """A finite-or-NaN float, or None for missing/non-numeric values."""
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def _read(source: Any, method: str) -> Any:
-    """``source.<method>()`` if it has that method, else ``source()`` if it is a plain
-    function, else ``source`` itself (already a snapshot)."""
-    fn = getattr(source, method, None)
-    if callable(fn):
-        return fn()
-    if inspect.isroutine(source) or isinstance(source, functools.partial):
-        return source()
-    return source
-
-
-class LearnerStatsCollector(Collector):
-    """Exports a learner process's runtime stats, read at scrape time (pull style).
-
-    Parameters
-    ----------
-    runtime
-        A :class:`learners.runtime.StreamLearnerRuntime` (its ``stats()`` is called), a
-        zero-argument function returning a :class:`~learners.runtime.RuntimeStats`, or a
-        stats snapshot.
-    topic
-        The ``topic`` label (the runtime consumes one topic: ``Topics.events``).
-    clock
-        Wall clock for the model age.
-
-    Exports ``towerstream_events_consumed_total{topic}`` (records), ``towerstream_dead_letters_total{topic,
-    reason}``, ``towerstream_consumer_lag_records{topic, group}``, ``towerstream_events_learned_total{learner}``
-    (this process), ``towerstream_model_events_learned{learner}`` (since the model was created),
-    ``towerstream_prequential_auc{learner, window}`` and ``towerstream_prequential_logloss{learner,
-    window}`` (``window``: ``all`` or ``rolling``), ``towerstream_checkpoints_total{learner}``,
-    ``towerstream_model_age_seconds{learner}`` (since the last checkpoint).
-    """
-
-    def __init__(self, runtime: Any, *, topic: str = "towerstream.events",
-                 clock: Callable[[], float] = time.time) -> None:
-        self.runtime = runtime
-        self.topic = topic
-        self.clock = clock
-
-    def describe(self) -> Iterable[Metric]:
-        return list(self._families(None))
-
-    def collect(self) -> Iterator[Metric]:
-        try:
-            stats = _read(self.runtime, "stats")
-        except Exception:  # a scrape must never take the learner down
-            logger.exception("reading learner runtime stats failed")
-            return
-        yield from self._families(stats)
-
-    def _families(self, s: Any) -> Iterator[Metric]:
-        p = PREFIX
-        consumed = CounterMetricFamily(f"{p}_events_consumed", "Records consumed, decoded and handled.",
-                                       labels=["topic"])
-        dead = CounterMetricFamily(f"{p}_dead_letters", "Records sent to the dead-letter topic.",
-                                   labels=["topic", "reason"])
-        lag = GaugeMetricFamily(f"{p}_consumer_lag_records", "Consumer lag summed over assigned partitions.",
-                                labels=["topic", "group"])
-        learned = CounterMetricFamily(f"{p}_events_learned", "Impressions learned by this process.",
-                                      labels=["learner"])
-        model_n = GaugeMetricFamily(f"{p}_model_events_learned", "Impressions folded into the model since it was created.",
-                                    labels=["learner"])
-        auc = GaugeMetricFamily(f"{p}_prequential_auc", "Prequential (predict-then-learn) ROC AUC.",
-                                labels=["learner", "window"])
-        ll = GaugeMetricFamily(f"{p}_prequential_logloss", "Prequential (predict-then-learn) log loss.",
-                               labels=["learner", "window"])
-        ckpts = CounterMetricFamily(f"{p}_checkpoints", "Checkpoints written by this process.", labels=["learner"])
-        age = GaugeMetricFamily(f"{p}_model_age_seconds", "Seconds since the model's last checkpoint.",
-                                labels=["learner"])
-        if s is not None:
-            learner = str(getattr(s, "learner", "unknown"))
-            consumed.add_metric([self.topic], float(getattr(s, "records", 0)))
-            by_reason = getattr(s, "dead_lettered_by_reason", None)
-            if isinstance(by_reason, Mapping) and by_reason:
-                for reason, n in by_reason.items():
-                    dead.add_metric([self.topic, str(reason)], float(n))
-            else:
-                dead.add_metric([self.topic, "all"], float(getattr(s, "dead_lettered", 0)))
-            per_topic: dict[str, float] = {}
-            for tp, n in (getattr(s, "lag", None) or {}).items():
-                topic = tp[0] if isinstance(tp, tuple) else self.topic
-                per_topic[topic] = per_topic.get(topic, 0.0) + float(n)
-            for topic, n in per_topic.items():
-                lag.add_metric([topic, str(getattr(s, "group_id", ""))], n)
-            learned.add_metric([learner], float(getattr(s, "events_learned_run", 0)))
-            model_n.add_metric([learner], float(getattr(s, "events_learned", 0)))
-            m = getattr(s, "metrics", None) or {}
-            for fam, key in ((auc, "auc"), (ll, "logloss")):
-                for window, name in (("all", key), ("rolling", f"rolling_{key}")):
-                    v = _num(m.get(name))
-                    if v is not None and not math.isnan(v):
-                        fam.add_metric([learner, window], v)
-            ckpts.add_metric([learner], float(getattr(s, "checkpoints", 0)))
-            t = _num(getattr(s, "last_checkpoint_at", None))
-            if t is not None:
-                age.add_metric([learner], max(0.0, self.clock() - t))
-        yield from (consumed, dead, lag, learned, model_n, auc, ll, ckpts, age)
-
-
-class IndexerStatsCollector(Collector):
-    """Exports the indexer service's plain counters, read at scrape time (pull style).
-
-    Parameters
-    ----------
-    service
-        An :class:`indexer.service.IndexerService` (its ``metrics`` attribute is read),
-        an :class:`~indexer.service.IndexerMetrics`, or a function returning one.
-    recall_k
-        The ``k`` label of the recall gauge; None reads ``service.build_config.recall_k``.
-    clock
-        Wall clock for the index age.
-
-    Exports ``towerstream_index_builds_total``, ``towerstream_index_refused_builds_total``,
-    ``towerstream_index_failed_builds_total``, ``towerstream_index_retrains_total``,
-    ``towerstream_index_build_seconds`` (histogram: each new build observes the last build's
-    duration when the counter moved between two scrapes), ``towerstream_index_version``,
-    ``towerstream_index_age_seconds`` (since the served version was published),
-    ``towerstream_index_items``, ``towerstream_index_recall_at_k{k}``,
-    ``towerstream_index_quality_auc`` (held-out AUC of the frozen towers).
-    """
-
-    def __init__(self, service: Any, *, recall_k: int | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
-        self.service = service
-        self.clock = clock
-        if recall_k is None:
-            recall_k = getattr(getattr(service, "build_config", None), "recall_k", None)
-        self.recall_k = "" if recall_k is None else str(recall_k)
-        self._lock = threading.Lock()
-        self._seen_builds = 0
-        # Not registered anywhere: collect() re-exports its samples.
-        self._build_seconds = Histogram(
-            f"{PREFIX}_index_build_seconds", "Duration of index builds (embed + train + add + tune).",
-            buckets=BUILD_BUCKETS, registry=None,
-        )
-
-    def _stats(self) -> Any:
-        metrics = getattr(self.service, "metrics", None)
-        if metrics is not None and not callable(metrics):
-            return metrics
-        return _read(self.service, "snapshot")
-
-    def describe(self) -> Iterable[Metric]:
-        return list(self._families(None))
-
-    def collect(self) -> Iterator[Metric]:
-        try:
-            stats = self._stats()
-        except Exception:  # a scrape must never take the indexer down
-            logger.exception("reading indexer stats failed")
-            return
-        yield from self._families(stats)
-
-    def _families(self, s: Any) -> Iterator[Metric]:
-        p = PREFIX
-        builds = CounterMetricFamily(f"{p}_index_builds", "Index versions built and published.")
-        refused = CounterMetricFamily(f"{p}_index_refused_builds", "Index builds refused by the guardrail.")
-        failed = CounterMetricFamily(f"{p}_index_failed_builds", "Index builds that failed with an error.")
-        retrains = CounterMetricFamily(f"{p}_index_retrains", "IVF centroid retrainings.")
-        version = GaugeMetricFamily(f"{p}_index_version", "Version of the latest published index.")
-        age = GaugeMetricFamily(f"{p}_index_age_seconds", "Seconds since the served index version was published.")
-        items = GaugeMetricFamily(f"{p}_index_items", "Items in the latest published index.")
-        recall = GaugeMetricFamily(f"{p}_index_recall_at_k", "Recall@K of the ANN index against exact search.",
-                                   labels=["k"])
-        quality = GaugeMetricFamily(f"{p}_index_quality_auc", "Held-out AUC of the frozen towers' dot product.")
-        if s is not None:
-            n_builds = int(getattr(s, "builds_total", 0))
-            builds.add_metric([], float(n_builds))
-            refused.add_metric([], float(getattr(s, "refused_total", 0)))
-            failed.add_metric([], float(getattr(s, "failed_total", 0)))
-            retrains.add_metric([], float(getattr(s, "retrains_total", 0)))
-            last = _num(getattr(s, "last_build_seconds", None))
-            with self._lock:
-                new = n_builds - self._seen_builds
-                if new > 0 and last is not None and not math.isnan(last):
-                    for _ in range(min(new, 1000)):
-                        self._build_seconds.observe(last)
-                self._seen_builds = max(self._seen_builds, n_builds)
-            v = getattr(s, "index_version", None)
-            if v is not None:
-                version.add_metric([], version_number(v))
-            age_fn = getattr(s, "index_age_seconds", None)
-            a = _num(age_fn(self.clock()) if callable(age_fn) else age_fn)
-            if a is not None and not math.isnan(a):
-                age.add_metric([], max(0.0, a))
-            items.add_metric([], float(getattr(s, "index_items", 0)))
-            r = _num(getattr(s, "last_recall", None))
-            if r is not None and not math.isnan(r):
-                recall.add_metric([self.recall_k], r)
-            q = _num(getattr(s, "last_auc", None))
-            if q is not None and not math.isnan(q):
-                quality.add_metric([], q)
-        yield from (builds, refused, failed, retrains)
-        yield from self._build_seconds.collect()
-        yield from (version, age, items, recall, quality)
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-class _MetricsHandler(BaseHTTPRequestHandler):
-    server: "MetricsHTTPServer"
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
-        logger.debug("%s - %s", self.address_string(), format % args)
-
-    def _send(self, status: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
-        path = self.path.split("?", 1)[0].rstrip("/")
-        if path == "/metrics":
-            self._send(200, generate_latest(self.server.registry), CONTENT_TYPE_LATEST)
-        elif path == "/healthz":
-            self._send(200, b"alive\n")
-        elif path == "/readyz":
-            try:
-                ready, reason = self.server.ready()
-            except Exception as exc:  # a probe must answer, whatever the check did
-                ready, reason = False, f"readiness check failed: {type(exc).__name__}: {exc}"
-            self._send(200 if ready else 503, f"{reason}\n".encode())
-        else:
-            self._send(404, b"try /metrics, /healthz or /readyz\n")
-
-
-class MetricsHTTPServer(ThreadingHTTPServer):
-    """``/metrics``, ``/healthz`` and ``/readyz`` for processes without the scorer's HTTP
-    server (learners, the indexer)."""
-
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, address: tuple[str, int], registry: CollectorRegistry,
-                 ready: Callable[[], tuple[bool, str]]) -> None:
-        super().__init__(address, _MetricsHandler)
-        self.registry = registry
-        self.ready = ready
-
-    @property
-    def port(self) -> int:
-        return int(self.server_address[1])
-
-
-def start_metrics_server(
-    port: int,
-    registry: CollectorRegistry = REGISTRY,
-    addr: str = "0.0.0.0",
-    *,
-    ready: Callable[[], tuple[bool, str]] | None = None,
-) -> MetricsHTTPServer:
-    """Serve ``/metrics`` of ``registry`` (plus ``/healthz`` and ``/readyz``) from a daemon thread.
-
-    Parameters
-    ----------
-    port
-        TCP port; ``0`` picks a free one (``server.port``).
-    registry
-        What ``/metrics`` exposes.
-    addr
-        Bind address.
-    ready
-        ``() -> (ready, reason)`` for ``/readyz`` (200 or 503 with the reason), e.g. "a
-        checkpoint was loaded" for a learner or "a version is published" for the indexer;
-        None: always ready.
-
-    Stop it with ``server.shutdown()``.
-    """
-    server = MetricsHTTPServer((addr, port), registry, ready or (lambda: (True, "ok")))
-    threading.Thread(target=server.serve_forever, args=(0.1,), name="metrics-http", daemon=True).start()
-    logger.info("serving /metrics /healthz /readyz on %s:%d", addr, server.port)
-    return server
-
-
-def learner_ready(runtime: Any) -> Callable[[], tuple[bool, str]]:
-    """A ``/readyz`` check for a learner process: ready once its runtime consumed a batch.
-
-    >>> learner_ready(lambda: type("S", (), {"records": 0})())()
-    (False, 'no record consumed yet')
-    """
-    def check() -> tuple[bool, str]:
-        s = _read(runtime, "stats")
-        n = int(getattr(s, "records", 0))
-        return (n > 0, f"{n} records consumed" if n else "no record consumed yet")
-
-    return check
-
-
-def indexer_ready(service: Any) -> Callable[[], tuple[bool, str]]:
-    """A ``/readyz`` check for the indexer process: ready once a version is published."""
-    def check() -> tuple[bool, str]:
-        m = getattr(service, "metrics", service)
-        v = getattr(m, "index_version", None)
-        return (v is not None, f"serving index version {v}" if v is not None else "no index version published yet")
-
-    return check
-
-
-def metric_names(registry: CollectorRegistry) -> set[str]:
-    """Every sample name ``registry`` exposes (``_total``, ``_bucket``, ``_info`` ... included)."""
-    names: set[str] = set()
-    for family in registry.collect():
-        names.add(family.name)
-        for sample in family.samples:
-            names.add(sample.name)
-        if family.type == "histogram":
-            names.update(f"{family.name}{s}" for s in ("_bucket", "_sum", "_count"))
-        elif family.type == "summary":
-            names.update(f"{family.name}{s}" for s in ("_sum", "_count"))
-        elif family.type == "counter":
-            names.add(f"{family.name}_total")
-        elif family.type == "info":
-            names.add(f"{family.name}_info")
-    return names

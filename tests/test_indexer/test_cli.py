@@ -10,7 +10,7 @@ from indexer.handle import load_handle
 from indexer.testing import catalogue_records, labelled_impressions
 from learners.checkpoint import save_checkpoint
 from learners.registry import make_learner
-from serving.cli import main
+from app.cli import main
 from streams.events import encode_event, event_from_dict
 
 

@@ -142,7 +142,7 @@ def test_compose_file_has_the_whole_pipeline() -> None:
 
 
 def test_every_app_command_parses_with_the_real_cli() -> None:
-    from serving.cli import build_parser
+    from app.cli import build_parser
 
     parser = build_parser()
     compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())

@@ -35,7 +35,7 @@ def _port_is_free(port: int) -> bool:
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     """Run ``towerstream broker ...`` in another process, as a user would."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "serving.cli", "broker", *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "app.cli", "broker", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120, check=False)
 
 

@@ -81,7 +81,7 @@ def run_benchmarks(scripts: Sequence[Path], *, quick: bool = False, timeout_s: f
                    out: Path | None = None, stream: TextIO | None = None) -> list[BenchResult]:
     """Run ``scripts`` one after the other; write the markdown to ``out`` after each one
     (a long run interrupted half-way keeps what it measured)."""
-    from serving.demo import machine_info
+    from app.demo import machine_info
 
     started = _dt.datetime.now(_dt.timezone.utc)
     results: list[BenchResult] = []

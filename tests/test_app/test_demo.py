@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from serving.demo import histogram_quantile, parse_metrics, sample_key
-from serving.report import ordering
+from app.samples import histogram_quantile, parse_metrics, sample_key
+from app.report import ordering
 
 REPO = Path(__file__).resolve().parents[2]
 LEARNERS = ("ctr", "lr", "two-tower", "inttower")
@@ -92,7 +92,7 @@ def _auc_samples(rows: list[dict], learner: str) -> list[float]:
 def test_demo_runs_reports_and_leaves_nothing_running(tmp_path, local_broker_config):
     run = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "serving.cli", "demo", "--duration", "40", "--rate", "500", "--out", str(run)],
+        [sys.executable, "-m", "app.cli", "demo", "--duration", "40", "--rate", "500", "--out", str(run)],
         cwd=REPO, env=_demo_env(), capture_output=True, text=True, timeout=420,
     )
     assert proc.returncode == 0, f"demo failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
@@ -125,7 +125,7 @@ def test_demo_runs_reports_and_leaves_nothing_running(tmp_path, local_broker_con
 def _start_long_demo(run: Path) -> subprocess.Popen:
     """A 300 s demo in a subprocess, returned once its producer runs (every learner answers)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "serving.cli", "demo", "--duration", "300", "--rate", "500", "--out", str(run),
+        [sys.executable, "-m", "app.cli", "demo", "--duration", "300", "--rate", "500", "--out", str(run),
          "--no-report"],
         cwd=REPO, env=_demo_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
@@ -226,7 +226,7 @@ def test_ordering_reports_each_claim_as_it_came_out():
 def test_bench_discovers_scripts_and_renders_each_output(tmp_path):
     import datetime as dt
 
-    from serving.bench import BenchResult, discover, render_markdown
+    from app.bench import BenchResult, discover, render_markdown
 
     for name in ("bench_a.py", "bench_b.py", "_helper.py", "notes.txt"):
         (tmp_path / name).write_text("print('x')\n")

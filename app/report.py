@@ -1,6 +1,6 @@
 """The demo's report: ``RUN/report.md`` with PNG plots, from what the run recorded.
 
-Reads the run directory written by :class:`serving.demo.Demo` (``demo.json``,
+Reads the run directory written by :class:`app.demo.Demo` (``demo.json``,
 ``timeseries.jsonl``, ``truth.jsonl`` when simulated, ``index_versions.jsonl``,
 ``index_items.json``) and writes:
 
@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from serving.demo import LEARNERS, _lag, histogram_quantile, latency_buckets, sample_key
+from app.samples import LEARNERS, consumer_lag, histogram_quantile, latency_buckets, sample_key
 
 __all__ = ["RunData", "load_run", "summarize", "write_report"]
 
@@ -193,7 +193,7 @@ def summarize(run: RunData) -> dict[str, Any]:
             "rolling_auc": m.get(sample_key("towerstream_prequential_auc", {**lbl, "window": "rolling"})),
             "logloss": m.get(sample_key("towerstream_prequential_logloss", {**lbl, "window": "all"})),
             "rolling_logloss": m.get(sample_key("towerstream_prequential_logloss", {**lbl, "window": "rolling"})),
-            "lag": _lag(m),
+            "lag": consumer_lag(m),
             "dead_letters": sum(v for k, v in m.items() if k.startswith("towerstream_dead_letters_total")),
         }
         t, v = run.series(name, sample_key("towerstream_events_learned_total", lbl))
@@ -377,7 +377,7 @@ def _impression_share(run: RunData) -> float | None:
     best = 0.0
     for name in run.learners:
         m = run.final(name)
-        if _lag(m) == 0:
+        if consumer_lag(m) == 0:
             best = max(best, m.get(sample_key("towerstream_model_events_learned", {"learner": name}), 0.0))
     return best / v[-1] if best > 0 else None
 
@@ -444,7 +444,7 @@ def plot_throughput(run: RunData, path: Path) -> None:
         ax.plot(rt, rv, color=_COLORS.get(name), label=f"{name} learned (impressions)")
         lt, lv = [], []
         for s in run.samples:
-            lag = _lag(s.get("metrics", {}).get(name, {}))
+            lag = consumer_lag(s.get("metrics", {}).get(name, {}))
             if lag is not None:
                 lt.append(s["t"] - run.t0)
                 lv.append(lag)

@@ -34,7 +34,7 @@ __all__ = ["register"]
 
 def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """Add ``demo`` and ``bench`` to ``subparsers``."""
-    from serving.demo import DEFAULT_DURATION_S, DEFAULT_RATE
+    from app.demo import DEFAULT_DURATION_S, DEFAULT_RATE
 
     p = subparsers.add_parser("demo", help="run the whole pipeline live (broker, simulator, learners, indexer, scorer)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -69,10 +69,10 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from serving.demo import Demo, DemoConfig
+    from app.demo import Demo, DemoConfig
 
     if args.report_only is not None:
-        from serving.report import write_report
+        from app.report import write_report
 
         if not (args.report_only / "timeseries.jsonl").is_file():
             raise ConfigError(f"{args.report_only} holds no timeseries.jsonl: not a demo run directory")
@@ -86,7 +86,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from serving.bench import BENCH_DIR, discover, run_benchmarks
+    from app.bench import BENCH_DIR, discover, run_benchmarks
 
     scripts = discover(BENCH_DIR, only=args.only)
     if args.list:

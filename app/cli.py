@@ -25,7 +25,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "learners._train_cli",
     "indexer._index_cli",
     "serving._serve_cli",
-    "serving._demo_cli",
+    "app._demo_cli",
 )
 
 

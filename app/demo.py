@@ -24,7 +24,7 @@ scrapes them all, appends the scrape to ``timeseries.jsonl`` and redraws a table
 stderr. When the producer is done (or on Ctrl-C / SIGTERM) it lets the learners catch
 up briefly, scrapes a last time, stops the children in dependency order (producer,
 scorer, indexer, learners: SIGTERM, wait, SIGKILL), stops the broker and writes the
-report (:mod:`serving.report`). Nothing is left running: the children live in their own
+report (:mod:`app.report`). Nothing is left running: the children live in their own
 process groups, die with the demo if it is killed (``PR_SET_PDEATHSIG``), and every pid
 and port is written to ``pids.json``.
 
@@ -57,73 +57,19 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, TextIO
+from typing import Any, TextIO
 
 from streams.broker import preexec_die_with_parent
 from streams.errors import ConfigError
 
-__all__ = ["DemoConfig", "Demo", "DEFAULT_RATE", "DEFAULT_DURATION_S", "sample_key", "parse_metrics",
-           "histogram_quantile"]
+from app.samples import LEARNERS, consumer_lag, histogram_quantile, latency_buckets, machine_info, parse_metrics, sample_key
+
+__all__ = ["DemoConfig", "Demo", "DEFAULT_RATE", "DEFAULT_DURATION_S"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_RATE = 1500.0
 DEFAULT_DURATION_S = 150.0
-LEARNERS: tuple[str, ...] = ("ctr", "lr", "two-tower", "inttower")
-
-
-def sample_key(name: str, labels: dict[str, str]) -> str:
-    """One sample's key in ``timeseries.jsonl``: Prometheus text syntax, labels sorted.
-
-    >>> sample_key("towerstream_prequential_auc", {"window": "all", "learner": "lr"})
-    'towerstream_prequential_auc{learner="lr",window="all"}'
-    >>> sample_key("towerstream_index_version", {})
-    'towerstream_index_version'
-    """
-    if not labels:
-        return name
-    return name + "{" + ",".join(f'{k}="{labels[k]}"' for k in sorted(labels)) + "}"
-
-
-def parse_metrics(text: str, prefix: str = "towerstream_") -> dict[str, float]:
-    """Flatten a ``/metrics`` page into ``{sample_key: value}`` (samples named ``prefix*`` only).
-
-    >>> parse_metrics('# TYPE towerstream_x_total counter\\ntowerstream_x_total{a="1"} 3.0\\npython_y 1\\n')
-    {'towerstream_x_total{a="1"}': 3.0}
-    """
-    from prometheus_client.parser import text_string_to_metric_families
-
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name.startswith(prefix) and not s.name.endswith("_created"):
-                out[sample_key(s.name, dict(s.labels))] = float(s.value)
-    return out
-
-
-def histogram_quantile(q: float, buckets: Iterable[tuple[float, float]]) -> float:
-    """Prometheus' ``histogram_quantile`` over cumulative ``(upper_bound, count)`` pairs.
-
-    Linear interpolation inside the bucket that holds the quantile; NaN without
-    observations; the largest finite bound when the quantile falls in ``+Inf``.
-
-    >>> histogram_quantile(0.5, [(0.001, 0), (0.002, 10), (float("inf"), 10)])
-    0.0015
-    """
-    pts = sorted(buckets)
-    if not pts or pts[-1][1] <= 0:
-        return math.nan
-    rank = q * pts[-1][1]
-    prev_bound, prev_count = 0.0, 0.0
-    for bound, count in pts:
-        if count >= rank:
-            if math.isinf(bound):
-                return prev_bound
-            if count == prev_count:
-                return bound
-            return prev_bound + (bound - prev_bound) * (rank - prev_count) / (count - prev_count)
-        prev_bound, prev_count = bound, count
-    return pts[-1][0]
 
 
 @dataclass(frozen=True)
@@ -358,7 +304,7 @@ class Demo:
                 signal.signal(s, h)
         self._write_summary()
         if self.config.report:
-            from serving.report import write_report
+            from app.report import write_report
 
             path = write_report(self.out)
             print(f"report: {path}", file=self.stream, flush=True)
@@ -431,7 +377,7 @@ class Demo:
         return port
 
     def _base(self, *args: str) -> list[str]:
-        return [self.python, "-m", "serving.cli", *args]
+        return [self.python, "-m", "app.cli", *args]
 
     def _learner_cmd(self, name: str) -> list[str]:
         return self._base("learn", "--learner", name, "--group", f"demo-{name}", "--checkpoint", str(self.ckpt(name)),
@@ -530,7 +476,7 @@ class Demo:
 
     def _caught_up(self) -> bool:
         for name in self.config.learners:
-            lag = _lag(self._last.get(name, {}))
+            lag = consumer_lag(self._last.get(name, {}))
             if lag is None or lag > 0:
                 return False
         return True
@@ -688,7 +634,7 @@ class Demo:
             lbl = {"learner": name}
             learned = m.get(sample_key("towerstream_model_events_learned", lbl))
             r = self._rate(name, sample_key("towerstream_events_learned_total", lbl), now)
-            lag = _lag(m)
+            lag = consumer_lag(m)
             auc = m.get(sample_key("towerstream_prequential_auc", {**lbl, "window": "all"}))
             roll = m.get(sample_key("towerstream_prequential_auc", {**lbl, "window": "rolling"}))
             ll = m.get(sample_key("towerstream_prequential_logloss", {**lbl, "window": "all"}))
@@ -803,54 +749,6 @@ class Demo:
         print(f"demo over after {data['wall_s']:.0f} s ({self._stop_reason}); "
               f"{'failures: ' + '; '.join(self.failures) if self.failures else 'no failures'}",
               file=self.stream, flush=True)
-
-
-def latency_buckets(metrics: dict[str, float], stage: str = "total") -> list[tuple[float, float]]:
-    """``(upper_bound, cumulative count)`` of the scorer's latency histogram in a scrape."""
-    out = []
-    head = "towerstream_score_latency_seconds_bucket{"
-    for k, v in metrics.items():
-        if k.startswith(head) and f'stage="{stage}"' in k:
-            le = k.split('le="', 1)[1].split('"', 1)[0]
-            out.append((float(le), v))
-    return sorted(out)
-
-
-def machine_info() -> dict[str, Any]:
-    """CPU model, cores, memory, and the versions that matter (for reports)."""
-    import platform
-
-    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
-                            "cores": os.cpu_count()}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                info["memory_gib"] = round(int(line.split()[1]) / 2**20, 1)
-                break
-    except OSError:
-        pass
-    try:
-        info["load_avg"] = os.getloadavg()
-    except OSError:
-        pass
-    from importlib import metadata
-
-    for pkg in ("torch", "faiss-cpu", "numpy", "kafka-python", "confluent-kafka", "prometheus-client", "river"):
-        try:
-            info[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            info[pkg] = None
-    return info
-
-
-def _lag(metrics: dict[str, float]) -> float | None:
-    """Consumer lag summed over topics in one scrape; None before it was measured."""
-    vals = [v for k, v in metrics.items() if k.startswith("towerstream_consumer_lag_records")]
-    return float(sum(vals)) if vals else None
 
 
 def _f(value: float | None, spec: str) -> str:
