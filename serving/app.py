@@ -41,6 +41,7 @@ from serving.request_consumer import (
 )
 from serving.scorer import CheckpointLearnerSource, ItemFeatureStore, LearnerSource, Scorer
 from streams.errors import ConfigError, TowerstreamError
+from streams.exposition import ThreadCPUCollector
 from streams.topics import DEFAULT_PARTITIONS, Topics
 from streams.transport import KafkaSettings, ensure_topics
 
@@ -129,6 +130,7 @@ class ServingApp:
         self.config = config
         self.registry = registry
         self.metrics = Metrics(registry=registry)
+        registry.register(ThreadCPUCollector())  # where the request loop's time goes, per thread
         self.models = CheckpointLearnerSource(config.checkpoint, pattern=config.checkpoint_pattern,
                                               poll_interval_s=config.checkpoint_poll_s,
                                               on_load=self.metrics.on_model_loaded)

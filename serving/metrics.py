@@ -65,8 +65,10 @@ __all__ = [
     "version_number",
 ]
 
-STAGES: tuple[str, ...] = ("encode", "retrieve", "prerank", "total")
-"""``stage`` label values of the scoring latency histogram."""
+STAGES: tuple[str, ...] = ("encode", "retrieve", "prerank", "total", "queue", "end_to_end")
+"""``stage`` label values of the scoring latency histogram: the scorer's own stages (``total``
+is their sum), then, for Kafka requests, ``queue`` (the request record's timestamp to the start
+of its scoring) and ``end_to_end`` (the record's timestamp to its ranking sent)."""
 
 # Scoring budget is ~10 ms: fine buckets below it, coarse ones above.
 LATENCY_BUCKETS: tuple[float, ...] = (
@@ -130,7 +132,7 @@ class Metrics:
         )
         self.score_latency = Histogram(
             f"{p}_score_latency_seconds",
-            "Scoring latency per request by stage (encode, retrieve, prerank, total).",
+            "Scoring latency per request by stage (encode, retrieve, prerank, total; queue and end_to_end from the request record's timestamp).",
             ["stage"],
             buckets=LATENCY_BUCKETS,
             registry=registry,

@@ -236,6 +236,9 @@ class RequestConsumer(_Loop):
         committed (at-least-once).
     group_id
         The ``group`` label of the lag metric.
+    wall_clock
+        Epoch seconds, compared with the records' Kafka timestamps for the ``queue`` and
+        ``end_to_end`` latency stages.
     """
 
     def __init__(
@@ -253,6 +256,7 @@ class RequestConsumer(_Loop):
         lag_interval_s: float = 5.0,
         group_id: str = "towerstream-scorer",
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__(consumer, topic=topics.requests, metrics=metrics, group_id=group_id,
                          lag_interval_s=lag_interval_s, clock=clock, commit_interval_s=commit_interval_s)
@@ -264,6 +268,7 @@ class RequestConsumer(_Loop):
         self.evaluator = evaluator
         self.score_batch = score_batch
         self.not_ready_backoff_s = not_ready_backoff_s
+        self.wall_clock = wall_clock
 
     def _wait_ready(self) -> None:
         logged = False
@@ -281,10 +286,12 @@ class RequestConsumer(_Loop):
     def handle(self, batch: EventBatch) -> None:
         """Score the batch's requests and send their rankings (flushed before the commit)."""
         requests: list[ScoreRequest] = []
+        sent_at: list[float] = []  # the records' Kafka timestamps (producer clock), seconds; -1: none
         wrong = 0
         for event, record in zip(batch.events, batch.records):
             if event.kind == "request":
                 requests.append(ScoreRequest.from_event(event))
+                sent_at.append(record.timestamp / 1000.0)
             else:
                 self.consumer.dead_letters.write(
                     record, "kind",
@@ -299,6 +306,7 @@ class RequestConsumer(_Loop):
             chunk = requests[start:start + self.score_batch]
             while True:
                 self._wait_ready()
+                began = self.wall_clock()
                 try:
                     rankings = self.scorer.score_many(chunk)
                     break
@@ -311,9 +319,21 @@ class RequestConsumer(_Loop):
                     self.evaluator.record_served(r.request_id, model)
             if m is not None:
                 m.requests.labels(source="kafka", outcome="ok").inc(len(rankings))
+                self._observe_waits(sent_at[start:start + self.score_batch], began, self.wall_clock())
         self.stats.produced += len(requests)
         if m is not None and requests:
             m.rankings_produced.inc(len(requests))
+
+    def _observe_waits(self, sent_at: list[float], began: float, answered: float) -> None:
+        """``queue``: from a request's record timestamp to the start of its scoring call;
+        ``end_to_end``: to its ranking handed to the producer. Records without a timestamp
+        (or from a clock ahead of ours) are left out rather than counted as zero."""
+        h = self.metrics.score_latency
+        queue, e2e = h.labels(stage="queue"), h.labels(stage="end_to_end")
+        for t in sent_at:
+            if 0 < t <= began:
+                queue.observe(began - t)
+                e2e.observe(answered - t)
 
     def before_commit(self) -> None:
         """Wait until every ranking sent so far is acknowledged (raises if one was not)."""

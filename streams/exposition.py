@@ -15,15 +15,19 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import os
 import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 __all__ = ["PREFIX", "version_number", "number", "read_source", "MetricsHTTPServer", "start_metrics_server",
-           "metric_names"]
+           "metric_names", "ThreadCPUCollector", "thread_schedstats"]
 
 logger = logging.getLogger(__name__)
 
@@ -165,3 +169,55 @@ def metric_names(registry: CollectorRegistry) -> set[str]:
             names.add(f"{family.name}_info")
     return names
 
+
+
+def thread_schedstats(task_dir: Path = Path("/proc/self/task")) -> dict[str, tuple[float, float]]:
+    """CPU time and run-queue wait, in seconds, per Python thread name of this process.
+
+    From Linux's ``/proc/self/task/<tid>/schedstat`` (time on a CPU, time runnable but
+    waiting for one). Threads that Python does not know (native library threads) are summed
+    under ``other``; threads of one name are summed. Empty where ``/proc`` has no schedstat.
+
+    >>> stats = thread_schedstats()
+    >>> all(cpu >= 0 and wait >= 0 for cpu, wait in stats.values())
+    True
+    """
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    out: dict[str, tuple[float, float]] = {}
+    try:
+        tids = [int(t) for t in os.listdir(task_dir)]
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            run_ns, wait_ns = (int(v) for v in (task_dir / str(tid) / "schedstat").read_text().split()[:2])
+        except (OSError, ValueError):  # the thread ended between listdir and read, or no schedstat
+            continue
+        name = names.get(tid, "other")
+        cpu, wait = out.get(name, (0.0, 0.0))
+        out[name] = (cpu + run_ns / 1e9, wait + wait_ns / 1e9)
+    return out
+
+
+class ThreadCPUCollector(Collector):
+    """``towerstream_thread_cpu_seconds_total{thread}`` and
+    ``towerstream_thread_runqueue_wait_seconds_total{thread}``, read at scrape time.
+
+    Where a latency goes inside a process: a thread that burns CPU beside the request loop
+    (it holds the GIL while it runs Python), or a process starved of CPU by its neighbours
+    (run-queue wait grows while the thread is runnable but not running).
+    """
+
+    def __init__(self, read: Callable[[], dict[str, tuple[float, float]]] = thread_schedstats) -> None:
+        self.read = read
+
+    def collect(self) -> Iterator[Metric]:
+        cpu = CounterMetricFamily(f"{PREFIX}_thread_cpu_seconds", "CPU time of this process's threads.",
+                                  labels=["thread"])
+        wait = CounterMetricFamily(f"{PREFIX}_thread_runqueue_wait_seconds",
+                                   "Time this process's threads were runnable but waited for a CPU.",
+                                   labels=["thread"])
+        for name, (c, w) in sorted(self.read().items()):
+            cpu.add_metric([name], c)
+            wait.add_metric([name], w)
+        yield from (cpu, wait)

@@ -84,8 +84,8 @@ def request(n: int, user: str = "u1", k: int = 2) -> Event:
     return Event(kind="request", event_id=f"e{n}", event_time=float(n), user_id=user, request_id=f"r{n}", k=k)
 
 
-def rec(offset: int, value: bytes, topic: str = T.requests) -> Record:
-    return Record(topic, 0, offset, b"u1", value, 0)
+def rec(offset: int, value: bytes, topic: str = T.requests, timestamp_ms: int = 0) -> Record:
+    return Record(topic, 0, offset, b"u1", value, timestamp_ms)
 
 
 class Source:
@@ -97,7 +97,8 @@ class Source:
 
 
 def build(fakes: Any, records: list[Record], *, ready: bool = True, fail: bool = False,
-          evaluator: OnlineEvaluator | None = None) -> tuple[RequestConsumer, list[Any], Any, CollectorRegistry]:
+          evaluator: OnlineEvaluator | None = None,
+          wall_clock: Any = time.time) -> tuple[RequestConsumer, list[Any], Any, CollectorRegistry]:
     journal: list[Any] = []
     producer = FakeProducer(journal, fail=fail)
     ec = EventConsumer(FakeConsumer(records, journal), DeadLetterWriter(producer, T.dead_letter, "g"),
@@ -108,7 +109,7 @@ def build(fakes: Any, records: list[Record], *, ready: bool = True, fail: bool =
     metrics = Metrics(registry=reg)
     scorer = Scorer(Source(model), holder, k_retrieve=3, metrics=metrics)
     loop = RequestConsumer(ec, producer, scorer, topics=T, metrics=metrics, evaluator=evaluator,
-                           score_batch=2, not_ready_backoff_s=0.01, group_id="g")
+                           score_batch=2, not_ready_backoff_s=0.01, group_id="g", wall_clock=wall_clock)
     return loop, journal, producer, reg
 
 
@@ -130,6 +131,25 @@ def test_every_request_gets_a_ranking_before_the_commit(fakes: Any) -> None:
     assert reg.get_sample_value("towerstream_events_consumed_total", {"topic": T.requests}) == 5
     assert reg.get_sample_value("towerstream_consumer_lag_records", {"topic": T.requests, "group": "g"}) == 5
     assert ev.stats()["served_remembered"] == 5
+
+
+def test_queue_and_end_to_end_stages_run_from_the_record_timestamp(fakes: Any) -> None:
+    # Four requests scored two at a time; the wall clock is read at each chunk's scoring start
+    # and after its rankings were handed to the producer. The third record has no timestamp (-1).
+    stamps = [1_000_000, 1_000_100, -1, 1_000_200]  # ms since the epoch
+    records = [rec(n, encode_event(request(n)), timestamp_ms=t) for n, t in enumerate(stamps)]
+    ticks = iter([1000.25, 1000.30, 1000.50, 1000.60])
+    loop, _, _, reg = build(fakes, records, wall_clock=lambda: next(ticks))
+    loop.run(idle_timeout_s=0.05)
+
+    def stage(name: str, suffix: str) -> float | None:
+        return reg.get_sample_value(f"towerstream_score_latency_seconds_{suffix}", {"stage": name})
+
+    assert stage("queue", "count") == 3  # the record without a timestamp is left out
+    assert stage("queue", "sum") == pytest.approx(0.25 + 0.15 + 0.30)
+    assert stage("end_to_end", "count") == 3
+    assert stage("end_to_end", "sum") == pytest.approx(0.30 + 0.20 + 0.40)
+    assert stage("total", "count") == 4  # the scorer's own stages count every request
 
 
 def test_bad_records_are_dead_lettered_with_their_reason(fakes: Any) -> None:
