@@ -1,6 +1,6 @@
 """Replay MovieLens ratings as a click stream.
 
-Two layouts are recognised from the files in a directory (both latin-1 encoded):
+Three layouts are recognised from the files in a directory:
 
 ``ml-100k``
     ``u.data`` (``user<TAB>item<TAB>rating<TAB>timestamp``), ``u.user``
@@ -9,7 +9,13 @@ Two layouts are recognised from the files in a directory (both latin-1 encoded):
 ``ml-1m``
     ``ratings.dat`` (``user::item::rating::timestamp``), ``users.dat``
     (``id::gender::age code::occupation code::zip``), ``movies.dat``
-    (``id::title (year)::Genre1|Genre2``).
+    (``id::title (year)::Genre1|Genre2``). Both latin-1 encoded.
+``ml-csv``
+    The current MovieLens CSV layout (ml-latest, ml-latest-small, ml-25m, ml-32m;
+    UTF-8 with a header line): ``ratings.csv`` (``userId,movieId,rating,timestamp``,
+    ratings in half stars 0.5..5.0) and ``movies.csv`` (``movieId,title,genres``,
+    genres ``|``-separated, titles quoted when they hold a comma). It has no user
+    demographics: users carry no feature beyond their id.
 
 Every rating becomes one ``impression`` at position 0 (``label`` 1 when the rating is
 at least ``click_threshold``, 4 by default) and each positive one is followed by a
@@ -38,6 +44,8 @@ character of the zip code). Item features: ``genres`` (tuple), ``year_bucket``
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
 import os
 import re
@@ -77,6 +85,7 @@ GROUPLENS_URL = "https://files.grouplens.org/datasets/movielens"
 MOVIELENS_FORMATS: dict[str, tuple[str, ...]] = {
     "ml-100k": ("u.data", "u.user", "u.item"),
     "ml-1m": ("ratings.dat", "users.dat", "movies.dat"),
+    "ml-csv": ("ratings.csv", "movies.csv"),
 }
 _ML100K_GENRES = (
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
@@ -140,11 +149,12 @@ class MovieLens:
     Attributes
     ----------
     name
-        ``"ml-100k"`` or ``"ml-1m"``.
+        ``"ml-100k"``, ``"ml-1m"`` or ``"ml-csv"``.
     path
         The directory it was read from.
     user_ids, item_ids, ratings, timestamps
-        One entry per rating, in file order: int64 arrays of shape (N,).
+        One entry per rating, in file order: arrays of shape (N,), int64 (``ratings``
+        float64 in the ``ml-csv`` layout, which has half stars).
     users, items
         Id -> event features (see the module docstring).
     titles
@@ -183,22 +193,27 @@ class MovieLens:
 
 
 def detect_movielens_format(path: str | os.PathLike) -> str:
-    """``"ml-100k"`` or ``"ml-1m"`` for a directory holding that layout.
+    """``"ml-100k"``, ``"ml-1m"`` or ``"ml-csv"`` for a directory holding that layout.
 
     Raises :class:`ConfigError` saying which files were expected otherwise.
     """
     p = Path(path)
     if not p.is_dir():
-        raise ConfigError(f"MovieLens path {str(p)!r} is not a directory; point it at the unzipped "
-                          "ml-100k or ml-1m folder")
+        raise ConfigError(f"MovieLens path {str(p)!r} is not a directory; point it at an unzipped MovieLens "
+                          f"folder in one of these layouts: {_layouts_text()}")
     for name, files in MOVIELENS_FORMATS.items():
         if (p / files[0]).is_file():
             missing = [f for f in files if not (p / f).is_file()]
             if missing:
                 raise ConfigError(f"{p} looks like {name} ({files[0]} is there) but lacks {', '.join(missing)}")
             return name
-    expected = "; ".join(f"{name}: {', '.join(files)}" for name, files in MOVIELENS_FORMATS.items())
-    raise ConfigError(f"{p} holds no known MovieLens format; expected the files of one of {expected}")
+    raise ConfigError(f"{p} holds no known MovieLens layout; a MovieLens folder holds the files of one of "
+                      f"these layouts: {_layouts_text()}")
+
+
+def _layouts_text() -> str:
+    """Each known layout with the files it needs, for error messages."""
+    return "; ".join(f"{name} ({', '.join(files)})" for name, files in MOVIELENS_FORMATS.items())
 
 
 def _read_rows(path: Path, sep: str, ncols: int | None, what: str) -> list[list[str]]:
@@ -408,6 +423,89 @@ def _load_ml1m(p: Path, on_bad_line: str) -> MovieLens:
     got = _parse_ratings(p / "ratings.dat", "::", users, items, on_bad_line)
     return _movielens("ml-1m", p, got, users, items, titles)
 
+_DOWNLOADABLE = ("ml-100k", "ml-1m")  # the layouts named after the archive they come in
+_HALF_STARS = frozenset(k / 2 for k in range(1, 11))  # 0.5, 1.0, ..., 5.0
+
+
+def _read_csv(path: Path, header: tuple[str, ...]) -> list[list[str]]:
+    """The rows of a UTF-8 CSV file after its header, which must be ``header``."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+    rows = list(csv.reader(io.StringIO(text)))
+    while rows and not rows[-1]:
+        rows.pop()
+    if not rows or tuple(f.strip() for f in rows[0]) != header:
+        got = ",".join(rows[0]) if rows else "nothing"
+        raise ConfigError(f"{path}: expected the header line {','.join(header)!r}, got {got!r}; "
+                          "this is not a MovieLens CSV file")
+    return rows[1:]
+
+
+def _csv_rating(row: list[str], items: Mapping[int, object]) -> tuple[str, str] | tuple[int, int, float, int]:
+    """The ``(user, item, rating, timestamp)`` of a ratings.csv row, or ``(reason, message)``."""
+    if len(row) != 4:
+        return "wrong_field_count", f"expected 4 comma-separated fields, got {len(row)}"
+    for name, key, value in zip(_RATING_FIELDS, _RATING_KEYS, row):
+        if key != "rating" and not _INT.fullmatch(value.strip()):
+            reason = f"empty_{key}" if not value.strip() else f"non_integer_{key}"
+            return reason, f"{name} {value!r} is not a non-negative integer"
+    try:
+        rating = float(row[2])
+    except ValueError:
+        return ("empty_rating" if not row[2].strip() else "non_number_rating"), f"rating {row[2]!r} is not a number"
+    if rating not in _HALF_STARS:
+        return "rating_out_of_range", f"rating {row[2]!r} is not a half star in 0.5..5.0"
+    i = int(row[1])
+    if i not in items:
+        return "unknown_item_id", f"movie {i} is not in movies.csv"
+    return int(row[0]), i, rating, int(row[3])
+
+
+def _load_csv(p: Path, on_bad_line: str) -> MovieLens:
+    items: dict[int, dict[str, FeatureValue]] = {}
+    titles: dict[int, str] = {}
+    for lineno, row in enumerate(_read_csv(p / "movies.csv", ("movieId", "title", "genres")), 2):
+        if len(row) != 3 or not _INT.fullmatch(row[0].strip()):
+            raise ConfigError(f"{p / 'movies.csv'} line {lineno}: expected movieId,title,genres with an integer "
+                              f"movieId, got {row!r}; the file is damaged or not MovieLens data")
+        m = _YEAR_IN_TITLE.search(row[1].strip())
+        genres = tuple(g for g in row[2].split("|") if g and g != "(no genres listed)")
+        items[int(row[0])] = {"genres": genres or ("unknown",),
+                              "year_bucket": year_bucket(int(m.group(1)) if m else None)}
+        titles[int(row[0])] = row[1]
+    path = p / "ratings.csv"
+    kept: list[tuple[int, int, float, int]] = []
+    kept_lines: list[int] = []
+    skipped: dict[str, int] = {}
+    examples: list[SkippedLine] = []
+    for lineno, row in enumerate(_read_csv(path, ("userId", "movieId", "rating", "timestamp")), 2):
+        parsed = _csv_rating(row, items)
+        if isinstance(parsed[0], int):
+            kept.append(parsed)  # type: ignore[arg-type]
+            kept_lines.append(lineno)
+            continue
+        reason, message = parsed
+        if on_bad_line == "raise":
+            hint = _HINTS.get(reason, "the file is damaged, re-download it")
+            raise ConfigError(f"{path} line {lineno}: {message}; {hint}. To use only the lines that pass, load "
+                              "with on_bad_line='skip' (CLI: --on-bad-line skip)")
+        skipped[reason] = skipped.get(reason, 0) + 1
+        if skipped[reason] <= _EXAMPLES_PER_REASON:
+            examples.append(SkippedLine(path, lineno, ",".join(row), reason))
+    if skipped:
+        log.warning("skipped %s lines of %s (%s usable): %s", f"{sum(skipped.values()):,}", path,
+                    f"{len(kept):,}", ", ".join(f"{k} {v:,}" for k, v in sorted(skipped.items())))
+    if not kept:
+        raise ConfigError(f"{path} holds no usable rating line")
+    users = {u: {} for u in sorted({k[0] for k in kept})}
+    got = _Ratings(np.array([k[0] for k in kept], dtype=np.int64), np.array([k[1] for k in kept], dtype=np.int64),
+                   np.array([k[2] for k in kept], dtype=np.float64), np.array([k[3] for k in kept], dtype=np.int64),
+                   np.array(kept_lines, dtype=np.int64), len(kept) + sum(skipped.values()),
+                   MappingProxyType(skipped), tuple(examples))
+    return _movielens("ml-csv", p, got, users, items, titles)
+
 
 def load_movielens(path: str | os.PathLike, *, on_bad_line: OnBadLine = "raise") -> MovieLens:
     """Parse the MovieLens data in ``path`` (format detected from its files).
@@ -426,7 +524,8 @@ def load_movielens(path: str | os.PathLike, *, on_bad_line: OnBadLine = "raise")
     _check_on_bad_line(on_bad_line)
     p = Path(path)
     name = detect_movielens_format(p)
-    return _load_ml100k(p, on_bad_line) if name == "ml-100k" else _load_ml1m(p, on_bad_line)
+    loaders = {"ml-100k": _load_ml100k, "ml-1m": _load_ml1m, "ml-csv": _load_csv}
+    return loaders[name](p, on_bad_line)
 
 
 def iter_movielens_events(path: str | os.PathLike | MovieLens, *, click_threshold: int = 4,
@@ -469,8 +568,8 @@ def download_movielens(name: str, dest: str | os.PathLike, *, base_url: str = GR
     access to files.grouplens.org; raises :class:`ConfigError` with what to do when it
     fails. Mind the data set's terms of use (its README): research use, no redistribution.
     """
-    if name not in MOVIELENS_FORMATS:
-        raise ConfigError(f"unknown MovieLens data set {name!r}; choose one of {', '.join(MOVIELENS_FORMATS)}")
+    if name not in _DOWNLOADABLE:
+        raise ConfigError(f"unknown MovieLens data set {name!r}; choose one of {', '.join(_DOWNLOADABLE)}")
     dest_dir = Path(dest)
     target = dest_dir / name
     if target.is_dir():

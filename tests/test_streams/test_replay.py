@@ -131,7 +131,8 @@ def test_unknown_folder_says_which_files_were_expected(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError) as err:
         load_movielens(tmp_path / "empty")
-    for name in ("u.data", "u.user", "u.item", "ratings.dat", "users.dat", "movies.dat"):
+    for name in ("u.data", "u.user", "u.item", "ratings.dat", "users.dat", "movies.dat", "ratings.csv",
+                 "movies.csv", "ml-100k", "ml-1m", "ml-csv"):
         assert name in str(err.value)
     with pytest.raises(ConfigError, match="not a directory"):
         load_movielens(tmp_path / "missing")
@@ -446,3 +447,58 @@ def test_real_ml100k_digit_frequency_warning(movielens_path, caplog):
     assert missing == ["1"], "the shared copy lost its '1' characters"
     (message,) = warnings
     assert "digit '1' never occurs" in message and "u.data" in message
+
+
+def write_ml_csv(folder: Path, ratings: str | None = None) -> Path:
+    """A tiny folder in the current MovieLens CSV layout (half stars, a quoted title)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "movies.csv").write_text(
+        "movieId,title,genres\n1,Toy Story (1995),Adventure|Animation|Children\n"
+        '7,"American President, The (1995)",Comedy|Drama|Romance\n9,Untitled,(no genres listed)\n',
+        encoding="utf-8")
+    if ratings is None:
+        ratings = "1,1,4.0,964982703\n1,7,3.5,964981247\n2,1,0.5,964982224\n2,9,5.0,964980000\n3,7,4.5,964990000\n"
+    (folder / "ratings.csv").write_text("userId,movieId,rating,timestamp\n" + ratings, encoding="utf-8")
+    return folder
+
+
+def test_csv_layout_is_detected_and_read_with_half_stars(tmp_path):
+    path = write_ml_csv(tmp_path / "latest")
+    assert detect_movielens_format(path) == "ml-csv"
+    ml = load_movielens(path)
+    assert ml.name == "ml-csv" and len(ml) == 5
+    np.testing.assert_array_equal(ml.ratings, [4.0, 3.5, 0.5, 5.0, 4.5])
+    np.testing.assert_array_equal(ml.user_ids, [1, 1, 2, 2, 3])
+    assert ml.items[7] == {"genres": ("Comedy", "Drama", "Romance"), "year_bucket": "1990s"}
+    assert ml.items[9] == {"genres": ("unknown",), "year_bucket": "unknown"}
+    assert ml.titles[7] == "American President, The (1995)"
+    assert ml.users[3] == {}  # no demographics in this layout
+    impressions = [e for e in iter_movielens_events(ml) if e.kind == "impression"]
+    # time order: 2/9 (5.0), 1/7 (3.5), 2/1 (0.5), 1/1 (4.0), 3/7 (4.5); rating >= 4 is a click
+    assert [(e.user_id, e.item_id, e.label) for e in impressions] == [
+        ("2", "9", 1), ("1", "7", 0), ("2", "1", 0), ("1", "1", 1), ("3", "7", 1)]
+    assert decode_event(encode_event(impressions[0])) == impressions[0]
+
+
+@pytest.mark.parametrize("bad, reason", [("1,1,4.2,964982703", "rating_out_of_range"),
+                                         ("1,1,6.0,964982703", "rating_out_of_range"),
+                                         ("1,1,x,964982703", "non_number_rating"),
+                                         ("1,42,4.0,964982703", "unknown_item_id"),
+                                         ("1,1,4.0", "wrong_field_count")])
+def test_csv_layout_bad_rating_lines(tmp_path, bad, reason):
+    path = write_ml_csv(tmp_path / "latest", ratings=f"1,1,4.0,964982703\n{bad}\n2,7,2.0,964982704\n")
+    with pytest.raises(ConfigError, match="ratings.csv line 3"):
+        load_movielens(path)
+    ml = load_movielens(path, on_bad_line="skip")
+    assert len(ml) == 2 and dict(ml.skipped) == {reason: 1}
+
+
+def test_csv_layout_needs_both_files_and_the_header(tmp_path):
+    path = write_ml_csv(tmp_path / "latest")
+    (path / "movies.csv").unlink()
+    with pytest.raises(ConfigError, match="lacks movies.csv"):
+        load_movielens(path)
+    path = write_ml_csv(tmp_path / "noheader")
+    (path / "ratings.csv").write_text("1,1,4.0,964982703\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="header line"):
+        load_movielens(path)
