@@ -41,7 +41,7 @@ from serving.request_consumer import (
 )
 from serving.scorer import CheckpointLearnerSource, ItemFeatureStore, LearnerSource, Scorer
 from streams.errors import ConfigError, TowerstreamError
-from streams.exposition import ThreadCPUCollector
+from streams.exposition import ThreadCPUCollector, watch_gc_pauses
 from streams.topics import DEFAULT_PARTITIONS, Topics
 from streams.transport import KafkaSettings, ensure_topics
 
@@ -131,6 +131,7 @@ class ServingApp:
         self.registry = registry
         self.metrics = Metrics(registry=registry)
         registry.register(ThreadCPUCollector())  # where the request loop's time goes, per thread
+        self._unwatch_gc = watch_gc_pauses(registry)  # every collector pause stalls every request
         self.models = CheckpointLearnerSource(config.checkpoint, pattern=config.checkpoint_pattern,
                                               poll_interval_s=config.checkpoint_poll_s,
                                               on_load=self.metrics.on_model_loaded)
@@ -253,3 +254,4 @@ class ServingApp:
         if self.http is not None:
             self.http.shutdown()
             self.http.server_close()
+        self._unwatch_gc()

@@ -65,10 +65,11 @@ __all__ = [
     "version_number",
 ]
 
-STAGES: tuple[str, ...] = ("encode", "retrieve", "prerank", "total", "queue", "end_to_end")
+STAGES: tuple[str, ...] = ("encode", "retrieve", "prerank", "total", "fetch", "queue", "end_to_end")
 """``stage`` label values of the scoring latency histogram: the scorer's own stages (``total``
-is their sum), then, for Kafka requests, ``queue`` (the request record's timestamp to the start
-of its scoring) and ``end_to_end`` (the record's timestamp to its ranking sent)."""
+is their sum), then, for Kafka requests, from the request record's timestamp: ``fetch`` (to the
+poll that returned it), ``queue`` (to the start of its scoring) and ``end_to_end`` (to its
+ranking sent)."""
 
 # Scoring budget is ~10 ms: fine buckets below it, coarse ones above.
 LATENCY_BUCKETS: tuple[float, ...] = (

@@ -285,6 +285,7 @@ class RequestConsumer(_Loop):
 
     def handle(self, batch: EventBatch) -> None:
         """Score the batch's requests and send their rankings (flushed before the commit)."""
+        received = self.wall_clock()  # the poll that returned this batch just ended
         requests: list[ScoreRequest] = []
         sent_at: list[float] = []  # the records' Kafka timestamps (producer clock), seconds; -1: none
         wrong = 0
@@ -319,19 +320,21 @@ class RequestConsumer(_Loop):
                     self.evaluator.record_served(r.request_id, model)
             if m is not None:
                 m.requests.labels(source="kafka", outcome="ok").inc(len(rankings))
-                self._observe_waits(sent_at[start:start + self.score_batch], began, self.wall_clock())
+                self._observe_waits(sent_at[start:start + self.score_batch], received, began, self.wall_clock())
         self.stats.produced += len(requests)
         if m is not None and requests:
             m.rankings_produced.inc(len(requests))
 
-    def _observe_waits(self, sent_at: list[float], began: float, answered: float) -> None:
-        """``queue``: from a request's record timestamp to the start of its scoring call;
-        ``end_to_end``: to its ranking handed to the producer. Records without a timestamp
-        (or from a clock ahead of ours) are left out rather than counted as zero."""
+    def _observe_waits(self, sent_at: list[float], received: float, began: float, answered: float) -> None:
+        """From a request's record timestamp: ``fetch`` to the poll that returned it, ``queue``
+        to the start of its scoring call, ``end_to_end`` to its ranking handed to the producer.
+        Records without a timestamp (or from a clock ahead of ours) are left out rather than
+        counted as zero."""
         h = self.metrics.score_latency
-        queue, e2e = h.labels(stage="queue"), h.labels(stage="end_to_end")
+        fetch, queue, e2e = h.labels(stage="fetch"), h.labels(stage="queue"), h.labels(stage="end_to_end")
         for t in sent_at:
-            if 0 < t <= began:
+            if 0 < t <= received:
+                fetch.observe(received - t)
                 queue.observe(began - t)
                 e2e.observe(answered - t)
 
@@ -407,8 +410,9 @@ def open_request_consumer(
 ) -> RequestConsumer:
     """A :class:`RequestConsumer` subscribed to ``topics.requests`` in ``group_id``, with
     its own rankings producer. Close with :func:`close_loop`."""
+    # eager: a poll returns the requests that are there instead of waiting to fill a batch
     ec = open_event_consumer(settings, group_id, [topics.requests], topics.dead_letter,
-                             batch_size=batch_size, poll_timeout_s=0.2)
+                             batch_size=batch_size, poll_timeout_s=0.2, eager=True)
     return RequestConsumer(ec, make_producer(settings), scorer, topics=topics, metrics=metrics,
                            evaluator=evaluator, score_batch=score_batch, group_id=group_id,
                            commit_interval_s=commit_interval_s)

@@ -335,18 +335,20 @@ def open_event_consumer(
     poll_timeout_s: float = 0.5,
     on_assigned: RebalanceCallback | None = None,
     on_revoked: RebalanceCallback | None = None,
+    eager: bool = False,
 ) -> EventConsumer:
     """An :class:`EventConsumer` subscribed to ``topics`` in ``group_id``, with its own
-    dead-letter producer. Close it with :meth:`EventConsumer.close`."""
+    dead-letter producer. Close it with :meth:`EventConsumer.close`. ``eager``: see
+    :func:`streams.transport.make_consumer` (True for latency-sensitive loops)."""
     producer = make_producer(settings)
-    consumer = make_consumer(settings, group_id, max_poll_records=batch_size)
+    consumer = make_consumer(settings, group_id, max_poll_records=batch_size, eager=eager)
     writer = DeadLetterWriter(producer, dead_letter_topic, group_id)
     ec = EventConsumer(consumer, writer, batch_size=batch_size, poll_timeout_s=poll_timeout_s, producer=producer)
     ec.subscribe(topics, on_assigned=on_assigned, on_revoked=on_revoked)
     return ec
 
 
-def tune_gc(gen0_threshold: int = 50_000) -> None:
+def tune_gc(gen0_threshold: int | None = 50_000) -> None:
     """Tune Python's cyclic garbage collector for a consumer *process*; call once, after
     start-up (the learner built, the checkpoint loaded).
 
@@ -357,8 +359,13 @@ def tune_gc(gen0_threshold: int = 50_000) -> None:
     young generation every ``gen0_threshold`` allocations instead. Events hold no
     reference cycles, so nothing is kept longer than a batch. Process-wide: library code
     never calls it; ``towerstream learn`` and the benchmarks do.
+
+    ``gen0_threshold=None`` only freezes and keeps the thresholds: a latency-sensitive
+    process (``towerstream serve``) wants frequent sub-millisecond young collections, not
+    rare ones of tens of milliseconds, and no full collection rescanning its libraries.
     """
     gc.collect()
     gc.freeze()
-    _, gen1, gen2 = gc.get_threshold()
-    gc.set_threshold(gen0_threshold, gen1, gen2)
+    if gen0_threshold is not None:
+        _, gen1, gen2 = gc.get_threshold()
+        gc.set_threshold(gen0_threshold, gen1, gen2)

@@ -13,11 +13,13 @@ imports a layer above it to export a gauge.
 from __future__ import annotations
 
 import functools
+import gc
 import inspect
 import logging
 import os
 import re
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -27,7 +29,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 __all__ = ["PREFIX", "version_number", "number", "read_source", "MetricsHTTPServer", "start_metrics_server",
-           "metric_names", "ThreadCPUCollector", "thread_schedstats"]
+           "metric_names", "ThreadCPUCollector", "thread_schedstats", "watch_gc_pauses"]
 
 logger = logging.getLogger(__name__)
 
@@ -221,3 +223,41 @@ class ThreadCPUCollector(Collector):
             cpu.add_metric([name], c)
             wait.add_metric([name], w)
         yield from (cpu, wait)
+
+
+GC_BUCKETS: tuple[float, ...] = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
+def watch_gc_pauses(registry: CollectorRegistry = REGISTRY) -> Callable[[], None]:
+    """Observe every pause of Python's cyclic garbage collector in
+    ``towerstream_gc_pause_seconds{generation}``: the whole process stops for it, so in a
+    request loop each pause is latency. Returns a function that stops watching.
+
+    >>> from prometheus_client import CollectorRegistry
+    >>> reg = CollectorRegistry()
+    >>> stop = watch_gc_pauses(reg)
+    >>> _ = gc.collect(2)
+    >>> reg.get_sample_value("towerstream_gc_pause_seconds_count", {"generation": "2"}) >= 1
+    True
+    >>> stop()
+    """
+    from prometheus_client import Histogram
+
+    hist = Histogram(f"{PREFIX}_gc_pause_seconds", "Pauses of the cyclic garbage collector.", ["generation"],
+                     buckets=GC_BUCKETS, registry=registry)
+    children = [hist.labels(generation=str(g)) for g in range(3)]
+    started = [0.0]
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            children[min(info.get("generation", 2), 2)].observe(time.perf_counter() - started[0])
+
+    gc.callbacks.append(callback)
+
+    def stop() -> None:  # the histogram stays registered with what it observed
+        if callback in gc.callbacks:
+            gc.callbacks.remove(callback)
+
+    return stop

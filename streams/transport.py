@@ -354,7 +354,10 @@ def _kafka_python_listener(owner: "_KPConsumer", on_assigned: RebalanceCallback 
 
 
 class _KPConsumer:
-    def __init__(self, settings: KafkaSettings, group_id: str | None, max_poll_records: int) -> None:
+    def __init__(self, settings: KafkaSettings, group_id: str | None, max_poll_records: int, *,
+                 eager: bool = False) -> None:
+        # kafka-python's poll returns what it has fetched without waiting to fill a batch:
+        # it is always eager.
         from kafka import KafkaConsumer
 
         config: dict[str, Any] = {
@@ -534,7 +537,9 @@ class _CKProducer:
 
 
 class _CKConsumer:
-    def __init__(self, settings: KafkaSettings, group_id: str | None, max_poll_records: int) -> None:
+    def __init__(self, settings: KafkaSettings, group_id: str | None, max_poll_records: int, *,
+                 eager: bool = False) -> None:
+        self.eager = eager
         ck = self._ck = _confluent_module()
         config: dict[str, Any] = {
             "bootstrap.servers": settings.bootstrap_servers,
@@ -603,9 +608,22 @@ class _CKConsumer:
     def assignment(self) -> frozenset[TopicPartition]:
         return frozenset(TopicPartition(p.topic, p.partition) for p in self._c.assignment())
 
+    def _consume(self, max_records: int, timeout_s: float) -> list[Any]:
+        c = self._c
+        if not self.eager:  # librdkafka waits up to timeout_s to fill max_records
+            return c.consume(num_messages=max_records, timeout=timeout_s)
+        # Eager: what is fetched already, else block for the first record only, then take
+        # whatever else has arrived, so a latency-sensitive loop never waits to fill a batch.
+        messages = c.consume(num_messages=max_records, timeout=0)
+        if not messages:
+            messages = c.consume(num_messages=1, timeout=timeout_s)
+            if messages and max_records > 1:
+                messages.extend(c.consume(num_messages=max_records - 1, timeout=0))
+        return messages
+
     def poll(self, max_records: int = 500, timeout_s: float = 1.0) -> list[Record]:
         try:
-            messages = self._c.consume(num_messages=max_records, timeout=timeout_s)
+            messages = self._consume(max_records, timeout_s)
         except self._ck.KafkaException as exc:
             raise KafkaTransportError(f"poll failed: {exc}") from exc
         out: list[Record] = []
@@ -705,12 +723,17 @@ def make_consumer(
     on_assigned: RebalanceCallback | None = None,
     on_revoked: RebalanceCallback | None = None,
     max_poll_records: int = 2000,
+    eager: bool = False,
 ) -> Consumer:
     """A consumer with auto-commit off, starting at the earliest offset when the group has
     none committed. With ``topics`` it subscribes (group membership); without, call
-    :meth:`Consumer.assign` yourself."""
+    :meth:`Consumer.assign` yourself.
+
+    ``eager``: ``poll`` returns as soon as a record is there (a request loop: latency)
+    rather than waiting up to its timeout to fill ``max_records`` (a learner: big batches).
+    Only confluent-kafka waits to fill; kafka-python is eager either way."""
     cls = _CKConsumer if settings.client == "confluent" else _KPConsumer
-    consumer = cls(settings, group_id, max_poll_records)
+    consumer = cls(settings, group_id, max_poll_records, eager=eager)
     if topics:
         consumer.subscribe(topics, on_assigned=on_assigned, on_revoked=on_revoked)
     return consumer

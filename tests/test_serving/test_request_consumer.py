@@ -134,18 +134,21 @@ def test_every_request_gets_a_ranking_before_the_commit(fakes: Any) -> None:
 
 
 def test_queue_and_end_to_end_stages_run_from_the_record_timestamp(fakes: Any) -> None:
-    # Four requests scored two at a time; the wall clock is read at each chunk's scoring start
-    # and after its rankings were handed to the producer. The third record has no timestamp (-1).
+    # Four requests in one poll, scored two at a time; the wall clock is read when the poll
+    # returned, at each chunk's scoring start and after its rankings were handed to the
+    # producer. The third record has no timestamp (-1).
     stamps = [1_000_000, 1_000_100, -1, 1_000_200]  # ms since the epoch
     records = [rec(n, encode_event(request(n)), timestamp_ms=t) for n, t in enumerate(stamps)]
-    ticks = iter([1000.25, 1000.30, 1000.50, 1000.60])
+    ticks = iter([1000.21, 1000.25, 1000.30, 1000.50, 1000.60])
     loop, _, _, reg = build(fakes, records, wall_clock=lambda: next(ticks))
     loop.run(idle_timeout_s=0.05)
 
     def stage(name: str, suffix: str) -> float | None:
         return reg.get_sample_value(f"towerstream_score_latency_seconds_{suffix}", {"stage": name})
 
-    assert stage("queue", "count") == 3  # the record without a timestamp is left out
+    assert stage("fetch", "count") == 3  # the record without a timestamp is left out
+    assert stage("fetch", "sum") == pytest.approx(0.21 + 0.11 + 0.01)
+    assert stage("queue", "count") == 3
     assert stage("queue", "sum") == pytest.approx(0.25 + 0.15 + 0.30)
     assert stage("end_to_end", "count") == 3
     assert stage("end_to_end", "sum") == pytest.approx(0.30 + 0.20 + 0.40)
