@@ -54,6 +54,9 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
                    help="only (re)write the report of a finished run directory")
     p.add_argument("--index-learner", default="inttower", choices=("two-tower", "inttower"),
                    help="the learner whose item tower is indexed and served (default inttower)")
+    p.add_argument("--batch-nice", type=int, default=10, metavar="N",
+                   help="niceness of learners, indexer and producer, so the scorer gets the CPU first "
+                        "(0..19, default 10; 0: all equal)")
     p.set_defaults(func=_demo)
 
     b = subparsers.add_parser("bench", help="run benchmarks/*.py and write BENCHMARKS.md",
@@ -81,7 +84,7 @@ def _demo(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     config = DemoConfig(out=out, duration_s=args.duration, rate=args.rate, seed=args.seed, replay=args.replay,
                         bootstrap_servers=args.bootstrap_servers, report=not args.no_report,
-                        index_learner=args.index_learner)
+                        index_learner=args.index_learner, batch_nice=args.batch_nice)
     return Demo(config, stream=sys.stderr).run()
 
 

@@ -57,7 +57,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Callable, TextIO
 
 from streams.broker import preexec_die_with_parent
 from streams.errors import ConfigError
@@ -98,6 +98,10 @@ class DemoConfig:
         After the producer ends, wait at most this long for the learners to catch up.
     drift_every, new_item_rate
         Simulator dynamics; None: about 3 drifts and 200 new items over the run.
+    batch_nice
+        Niceness of the batch work (learners, indexer, producer) relative to the scorer and
+        the broker, which answer requests: on a shared machine the kernel then gives the
+        request path the CPU first, as a cgroup CPU weight would in production (0: all equal).
     """
 
     out: Path
@@ -115,12 +119,15 @@ class DemoConfig:
     drain_s: float = 15.0
     drift_every: int | None = None
     new_item_rate: float | None = None
+    batch_nice: int = 10
 
     def __post_init__(self) -> None:
         if self.duration_s <= 0:
             raise ConfigError(f"--duration must be > 0 seconds, got {self.duration_s}")
         if self.rate <= 0:
             raise ConfigError(f"--rate must be > 0 events/s, got {self.rate}")
+        if not 0 <= self.batch_nice <= 19:
+            raise ConfigError(f"--batch-nice must be in 0..19 (Linux niceness), got {self.batch_nice}")
         if self.index_learner not in self.learners:
             raise ConfigError(f"the indexed learner {self.index_learner!r} must be one of {self.learners}")
         if self.replay is not None and not Path(self.replay).is_dir():
@@ -421,9 +428,12 @@ class Demo:
         repo = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         child = Child(name=name, cmd=cmd, log=log, port=port)
+        preexec = self._preexec
+        if name != "scorer" and self.config.batch_nice:
+            preexec = _niced(self.config.batch_nice, self._preexec)
         with log.open("ab") as fh:
             child.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
-                                          env=env, cwd=repo, process_group=0, preexec_fn=self._preexec)
+                                          env=env, cwd=repo, process_group=0, preexec_fn=preexec)
         child.started_at = time.time()
         self.children[name] = child
         self._write_pids()
@@ -749,6 +759,16 @@ class Demo:
         print(f"demo over after {data['wall_s']:.0f} s ({self._stop_reason}); "
               f"{'failures: ' + '; '.join(self.failures) if self.failures else 'no failures'}",
               file=self.stream, flush=True)
+
+
+def _niced(increment: int, then: Callable[[], None] | None) -> Callable[[], None]:
+    """A ``preexec_fn`` that lowers the child's CPU priority by ``increment``, then runs ``then``."""
+    def setup() -> None:
+        os.nice(increment)
+        if then is not None:
+            then()
+
+    return setup
 
 
 def _f(value: float | None, spec: str) -> str:
