@@ -177,6 +177,37 @@ def freshness(run: RunData) -> dict[str, Any]:
     return out
 
 
+LATENCY_STAGES: tuple[str, ...] = ("fetch", "queue", "encode", "retrieve", "prerank", "total", "end_to_end")
+
+
+def latency_stages(run: RunData, warmup_s: float = 10.0) -> dict[str, Any]:
+    """p50/p90/p99 (ms) of each scorer latency stage in steady state.
+
+    From ``warmup_s`` after the first scrape in which the scorer had answered a request to
+    the last scrape (the difference of the two cumulative histograms): the requests held
+    while no model or index existed yet, at start-up, would otherwise fill the tail of the
+    ``queue`` stages with a wait that is the first build's, not the scorer's.
+    """
+    scrapes = [(s["t"], s["metrics"]["scorer"]) for s in run.samples if s.get("metrics", {}).get("scorer")]
+    first = next((t for t, m in scrapes if latency_buckets(m) and latency_buckets(m)[-1][1] > 0), None)
+    if first is None:
+        return {}
+    start = next(((t, m) for t, m in scrapes if t >= first + warmup_s), None)
+    if start is None:
+        return {}
+    t_start, m_start = start
+    t_end, m_end = scrapes[-1]
+    out: dict[str, Any] = {"window_s": [t_start - run.t0, t_end - run.t0], "stages": {}}
+    for stage in LATENCY_STAGES:
+        before = dict(latency_buckets(m_start, stage))
+        diff = [(le, c - before.get(le, 0.0)) for le, c in latency_buckets(m_end, stage)]
+        if not diff or diff[-1][1] <= 0:
+            continue
+        out["stages"][stage] = {"requests": diff[-1][1], **{
+            f"p{int(q * 100)}_ms": _ms(histogram_quantile(q, diff)) for q in (0.5, 0.9, 0.99)}}
+    return out
+
+
 def versions_published(run: RunData) -> int:
     return len(run.versions)
 
@@ -255,6 +286,7 @@ def summarize(run: RunData) -> dict[str, Any]:
             "online_auc": sc.get(sample_key("towerstream_online_auc", {"learner": idx_learner})),
             "not_served": sc.get(sample_key("towerstream_online_impressions_total", {"outcome": "not_served"})),
             "model_reloads": sc.get(sample_key("towerstream_model_reloads_total", {"learner": idx_learner})),
+            "steady": latency_stages(run),
         },
     }
 
@@ -681,6 +713,17 @@ def _markdown(run: RunData, s: dict[str, Any]) -> str:
                   f"{_n(sc['p50_ms'], '.2f')} ms, **p99 {'> ' if sc['p99_beyond_buckets'] else ''}"
                   f"{_n(sc['p99_ms'], '.2f')} ms**. {online}",
                   "", "![scorer latency](latency.png)", ""]
+        steady = sc.get("steady") or {}
+        if steady.get("stages"):
+            a, b = steady["window_s"]
+            lines += [f"Latency by stage in steady state (stream seconds {a:.0f}-{b:.0f}: from 10 s after the first "
+                      "answer; `fetch`, `queue` and `end_to_end` run from the request record's Kafka timestamp, "
+                      "the others are the scorer's own stages):", "",
+                      "| stage | requests | p50 ms | p90 ms | p99 ms |", "|---|---:|---:|---:|---:|"]
+            for stage, q in steady["stages"].items():
+                lines.append(f"| {stage} | {q['requests']:,.0f} | {_n(q['p50_ms'], '.1f')} | {_n(q['p90_ms'], '.1f')} "
+                             f"| {_n(q['p99_ms'], '.1f')} |")
+            lines.append("")
     else:
         lines += ["The scorer did not start: no index version was published before the run ended.", "",
                   "![scorer latency](latency.png)", ""]
