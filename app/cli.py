@@ -22,10 +22,10 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "streams._broker_cli",
     "streams._produce_cli",
     "learners._learn_cli",
-    "learners._train_cli",
     "indexer._index_cli",
     "serving._serve_cli",
     "app._demo_cli",
+    "app._train_cli",
 )
 
 

@@ -1,20 +1,34 @@
 """The papers' offline protocol on the streaming code: MovieLens, splits, AUC/logloss, ablations.
 
-Protocol (IntTower, CIKM'22, sec. 4): every rating is an example, ``rating >= 4`` is a
-click (positive), anything lower a non-click; 80/20 split, either *random* (seeded) or
-by *time* (the oldest 80% train, the newest 20% test); the learner trains ``epochs``
-passes over the training part in mini-batches - the same ``learn_many`` the stream uses
-- and the test part is scored once: ROC AUC and logloss. Differences from the official
-code, stated so numbers are compared fairly: it drops 3-star ratings and feeds user and
-item mean ratings computed on each split (including the test split) as dense features;
-we keep every rating and use no rating-derived feature.
+Two protocols (:data:`PROTOCOLS`):
 
-MovieLens is read by :mod:`streams.replay` (features identical to the replayed stream).
-That reader refuses damaged files; ``skip_bad_rows=True`` reads ml-100k leniently
-instead: a rating row that is not four integers, has a rating outside 1..5 or an
-unknown user/item is skipped and counted, and timestamps outside the data set's
-documented period are counted (kept: they do not affect a random split but make a time
-split unreliable).
+``project`` (default)
+    Every rating is an example, ``rating >= 4`` is a click (positive), anything lower a
+    non-click (half stars of the CSV layout included: 3.5 is a non-click); 80/20 split,
+    *random* (seeded) or by *time* (the oldest 80% train, the newest 20% test); the
+    learners keep their streaming settings.
+``inttower-paper``
+    What the official IntTower code (``archersama/IntTower``,
+    ``train_movielens_IntTower.py``) does, as far as it can be followed here: rating 3
+    dropped, ``rating > 3`` positive, random 80/20 split, field embeddings of 32, tower
+    MLPs 300-300-128, Adam 1e-3 on the dense layers, batch 2048. Departures: the id
+    embeddings keep the learners' sparse Adagrad (the stream's optimiser) instead of
+    Adam; the towers' outputs stay L2-normalised with a learned scale; and its per-split
+    mean-rating features are **not** used: they are computed from the labels of each
+    split, the test split included, so they leak the test labels into the features.
+
+In both, 10% of the training part (the newest 10% under a time split) is held out as a
+validation split: the per-epoch progress reports its AUC, and anything tuned is tuned
+on it, never on the test part. The learner trains ``epochs`` passes over the rest in
+mini-batches - the same ``learn_many`` the stream uses - and the test part is scored
+once: ROC AUC and logloss.
+
+MovieLens is read by :mod:`streams.replay` (features identical to the replayed stream;
+layouts ml-100k, ml-1m and the CSV layout). That reader refuses damaged files;
+``skip_bad_rows=True`` reads them leniently instead (ml-100k: a rating row that is not
+four integers, has a rating outside 1..5 or an unknown user/item is skipped and
+counted, and timestamps outside the data set's documented period are counted; other
+layouts: the reader's ``on_bad_line="skip"``).
 """
 
 from __future__ import annotations
@@ -23,7 +37,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
 
@@ -33,15 +47,25 @@ from streams.errors import ConfigError
 
 __all__ = [
     "Examples",
+    "Progress",
+    "Protocol",
     "Result",
+    "RetrievalTask",
     "Split",
+    "Summary",
     "movielens_examples",
     "split_examples",
     "train_and_evaluate",
+    "summarize",
+    "retrieval_task",
+    "top_k",
     "simulator_prequential",
     "format_results",
     "ABLATIONS",
+    "DAT_ABLATIONS",
+    "PAPER_TABLE2",
     "PAPER_NOTE",
+    "PROTOCOLS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -56,13 +80,29 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "-CIR": {"cir": False},
 }
 
-#: What the paper reports, for the side-by-side print.
+#: The field DAT's category alignment reads on MovieLens (its first genre).
+DAT_CATEGORY = "i:genres"
+
+#: DAT ablations: overrides of the ``dat`` learner (full DAT: adaptive mimic plus
+#: category alignment on the first genre).
+DAT_ABLATIONS: dict[str, dict[str, Any]] = {
+    "DAT (full)": {"category_field": DAT_CATEGORY},
+    "DAT -AMM": {"category_field": DAT_CATEGORY, "mimic_weight": 0.0},
+    "DAT -CA": {"category_field": None},
+}
+
+#: IntTower paper (Li et al., CIKM'22) Table 2, MovieLens-1M: model -> (AUC, logloss).
+PAPER_TABLE2: dict[str, tuple[float, float]] = {
+    "two-tower": (0.8697, 0.4559),
+    "dat": (0.8712, 0.4556),
+    "cold": (0.8836, 0.3297),
+    "inttower": (0.8974, 0.3128),
+}
+
 PAPER_NOTE = (
-    "IntTower paper (Li et al., CIKM'22), overall-performance table, MovieLens-1M: two-tower-family "
-    "pre-ranking baselines (Two-Tower/DSSM, DAT, COLD) at AUC about 0.88-0.89, IntTower above them. "
-    "The exact cells could not be retrieved in this workspace (the official repository shows the table "
-    "only as an image, figure/performance.PNG), so no exact figure is printed. Their protocol differs: "
-    "ml-1m (10x the ratings), 3-star ratings dropped, and mean-rating features computed on each split."
+    "paper = IntTower paper (Li et al., CIKM'22) Table 2, on MovieLens-1M with its own protocol (rating 3 "
+    "dropped, per-split mean-rating features that include the test labels): a different data set, not "
+    "comparable cell by cell. COLD (not run here): paper AUC 0.8836, logloss 0.3297."
 )
 
 # ml-100k's README: ratings collected 19 Sep 1997 - 22 Apr 1998 (UTC epoch seconds).
@@ -70,20 +110,86 @@ _ML100K_PERIOD = (874_724_710, 893_286_638)
 
 
 @dataclass(frozen=True)
+class Protocol:
+    """An offline protocol: the label rule, a forced split and batch, and learner settings.
+
+    Attributes
+    ----------
+    name
+        Its name on the command line.
+    rule
+        The click rule, in words.
+    drop
+        Ratings removed before anything else.
+    positive_above
+        ``rating > positive_above`` is a click.
+    split, batch_size
+        Forced split and batch size (``None``: the caller's).
+    tower_params
+        Overrides of the two-tower family's learners.
+    """
+
+    name: str
+    rule: str
+    drop: tuple[float, ...]
+    positive_above: float
+    split: Split | None = None
+    batch_size: int | None = None
+    tower_params: Mapping[str, Any] = field(default_factory=dict)
+
+
+PROTOCOLS: dict[str, Protocol] = {
+    "project": Protocol("project", "rating >= 4 is a click, every rating kept", (), 3.75),
+    "inttower-paper": Protocol("inttower-paper", "rating > 3 is a click, rating 3 dropped", (3.0,), 3.0,
+                               split="random", batch_size=2048,
+                               tower_params={"field_dim": 32, "hidden": (300, 300), "out_dim": 128,
+                                             "lr_dense": 1e-3}),
+}
+
+
+@dataclass(frozen=True)
 class Examples:
     """Examples ``xs`` (learner dicts), labels ``ys`` (N,), times ``times`` (N,) seconds,
-    where they came from, and what was skipped or doubtful on the way."""
+    where they came from, and what was skipped or doubtful on the way.
+
+    ``layout`` is the MovieLens layout detected, ``rule`` the click rule applied,
+    ``n_users``/``n_items``/``n_ratings`` the counts in the loaded data (``n_ratings``
+    before a protocol drops any).
+    """
 
     xs: list[dict[str, Any]]
     ys: np.ndarray
     times: np.ndarray
     source: str
     notes: dict[str, int] = field(default_factory=dict)
+    layout: str = ""
+    rule: str = ""
+    n_users: int = 0
+    n_items: int = 0
+    n_ratings: int = 0
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a training run is: model, epoch (1-based), examples done of the epoch,
+    examples/s so far, mean training loss of the epoch so far (``None`` when the learner
+    reports none), and at the end of an epoch the validation AUC and logloss."""
+
+    model: str
+    epoch: int
+    epochs: int
+    done: int
+    total: int
+    events_per_s: float
+    loss: float | None
+    val_auc: float | None = None
+    val_logloss: float | None = None
 
 
 @dataclass(frozen=True)
 class Result:
-    """Test AUC and logloss of one trained model, with sizes and training time."""
+    """Test AUC and logloss of one trained model, with sizes, training time and the
+    validation AUC after each epoch (the learning curve)."""
 
     model: str
     auc: float
@@ -91,6 +197,7 @@ class Result:
     n_train: int
     n_test: int
     train_seconds: float
+    val_auc: tuple[float, ...] = ()
 
 
 def _lenient_ml100k(path: Path) -> tuple[Any, dict[str, int]]:
@@ -139,29 +246,56 @@ def _lenient_ml100k(path: Path) -> tuple[Any, dict[str, int]]:
     return ml, notes
 
 
-def movielens_examples(path: str | Path, *, skip_bad_rows: bool = False, threshold: int = 4) -> Examples:
-    """Every rating of the MovieLens data in ``path`` as an example (``rating >= threshold`` is 1)."""
-    from streams.replay import iter_movielens_events, load_movielens
+def _lenient(p: Path, layout: str) -> tuple[Any, dict[str, int]]:
+    """The data in ``p`` read leniently (``--skip-bad-rows``)."""
+    from streams.replay import load_movielens
 
+    if layout == "ml-100k":
+        return _lenient_ml100k(p)
+    ml = load_movielens(p, on_bad_line="skip")
+    return ml, {"rows": len(ml) + ml.n_skipped, "skipped": ml.n_skipped}
+
+
+def movielens_examples(path: str | Path, *, skip_bad_rows: bool = False, protocol: str = "project") -> Examples:
+    """The ratings of the MovieLens data in ``path`` as examples, under ``protocol``.
+
+    A folder in no known layout raises the reader's error (each layout and its files).
+    A damaged file raises :class:`ConfigError`; the error suggests ``--skip-bad-rows``
+    only when a lenient read of the same folder succeeds.
+    """
+    from streams.replay import detect_movielens_format, iter_movielens_events, load_movielens
+
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    proto = PROTOCOLS[protocol]
     p = Path(path)
+    layout = detect_movielens_format(p)
     try:
         ml, notes = load_movielens(p), {}
     except ConfigError as exc:
-        if not skip_bad_rows:
+        if skip_bad_rows:
+            ml, notes = _lenient(p, layout)
+            logger.warning("read %s leniently: %s", p, notes)
+        else:
+            try:
+                _lenient(p, layout)
+            except ConfigError:
+                raise exc from None  # skipping rows would not help: no advice
             raise ConfigError(f"{exc} (or pass --skip-bad-rows to train on the rows that parse)") from None
-        if not (p / "u.data").is_file():
-            raise
-        ml, notes = _lenient_ml100k(p)
-        logger.warning("read %s leniently: %s", p, notes)
-    xs, ys, times = [], [], []
-    for e in iter_movielens_events(ml, click_threshold=threshold):
+    order = np.argsort(ml.timestamps, kind="stable")  # the order iter_movielens_events yields
+    ratings = np.asarray(ml.ratings, dtype=np.float64)[order]
+    keep = ~np.isin(ratings, proto.drop)
+    xs, times, k = [], [], 0
+    for e in iter_movielens_events(ml):
         if e.kind == "impression":
-            x = event_to_x(e, with_position=False)
-            xs.append(x)
-            ys.append(e.label)
-            times.append(e.event_time)
+            if keep[k]:
+                xs.append(event_to_x(e, with_position=False))
+                times.append(e.event_time)
+            k += 1
+    ys = (ratings[keep] > proto.positive_above).astype(np.float64)
     notes["examples"] = len(xs)
-    return Examples(xs, np.array(ys, dtype=np.float64), np.array(times), f"{ml.name} at {p}", notes)
+    return Examples(xs, ys, np.array(times), f"{layout} at {p}", notes, layout=layout, rule=proto.rule,
+                    n_users=len(np.unique(ml.user_ids)), n_items=len(np.unique(ml.item_ids)), n_ratings=len(ml))
 
 
 def split_examples(data: Examples, how: Split, *, test_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -177,6 +311,16 @@ def split_examples(data: Examples, how: Split, *, test_fraction: float = 0.2, se
     return order[: n - n_test], order[n - n_test:]
 
 
+def _predict(learner: Any, xs: list[dict[str, Any]], idx: np.ndarray) -> np.ndarray:
+    return np.concatenate([np.asarray(learner.predict_proba_many([xs[i] for i in idx[lo: lo + 4096]]),
+                                      dtype=np.float64) for lo in range(0, len(idx), 4096)])
+
+
+def _batch_loss(learner: Any) -> float | None:
+    parts = getattr(learner, "last_loss", None)
+    return float(sum(parts.values())) if parts else None
+
+
 def train_and_evaluate(
     make: Callable[[], Any],
     data: Examples,
@@ -188,31 +332,169 @@ def train_and_evaluate(
     batch_size: int = 1024,
     seed: int = 0,
     shuffle: bool = True,
-) -> Result:
-    """Train a fresh learner ``make()`` for ``epochs`` passes over ``train`` (reshuffled
-    each epoch when ``shuffle``; in the given order otherwise) and score ``test``."""
+    valid_fraction: float = 0.1,
+    progress: Callable[[Progress], None] | None = None,
+    progress_every: int = 20,
+) -> tuple[Result, Any]:
+    """Train a fresh learner ``make()`` and score ``test``; returns the result and the learner.
+
+    The last ``valid_fraction`` of ``train`` (in the order given: random for a random
+    split, the newest for a time split) is the validation split; the learner trains
+    ``epochs`` passes over the rest (reshuffled each epoch when ``shuffle``, in the
+    given order otherwise). ``progress`` gets a :class:`Progress` every
+    ``progress_every`` batches and at the end of each epoch (with the validation AUC).
+    """
     learner = make()
     xs, ys = data.xs, data.ys
+    n_val = int(round(len(train) * valid_fraction)) if len(train) > 10 else 0
+    fit, val = (train[: len(train) - n_val], train[len(train) - n_val:]) if n_val else (train, train[:0])
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
-    for _ in range(epochs):
-        order = rng.permutation(train) if shuffle else train
-        for lo in range(0, len(order), batch_size):
+    curve = []
+    for epoch in range(1, epochs + 1):
+        order = rng.permutation(fit) if shuffle else fit
+        te, losses_, done = time.perf_counter(), [], 0
+        for b, lo in enumerate(range(0, len(order), batch_size), 1):
             idx = order[lo: lo + batch_size]
             learner.learn_many([xs[i] for i in idx], ys[idx])
+            done += len(idx)
+            loss = _batch_loss(learner)
+            if loss is not None:
+                losses_.append(loss)
+            if progress is not None and b % progress_every == 0 and done < len(order):
+                progress(Progress(name, epoch, epochs, done, len(order), done / max(time.perf_counter() - te, 1e-9),
+                                  float(np.mean(losses_)) if losses_ else None))
+        rate = done / max(time.perf_counter() - te, 1e-9)
+        v_auc = v_ll = None
+        if len(val):
+            pv = _predict(learner, xs, val)
+            v_auc, v_ll = roc_auc(ys[val], pv), log_loss(ys[val], pv)
+            curve.append(v_auc)
+        if progress is not None:
+            progress(Progress(name, epoch, epochs, done, len(order), rate, float(np.mean(losses_)) if losses_ else None,
+                              v_auc, v_ll))
     seconds = time.perf_counter() - t0
-    p = np.concatenate([np.asarray(learner.predict_proba_many([xs[i] for i in test[lo: lo + 4096]]), dtype=np.float64)
-                        for lo in range(0, len(test), 4096)])
+    p = _predict(learner, xs, test)
     y = ys[test]
-    return Result(name, roc_auc(y, p), log_loss(y, p), len(train), len(test), seconds)
+    return Result(name, roc_auc(y, p), log_loss(y, p), len(fit), len(test), seconds, tuple(curve)), learner
+
+
+@dataclass(frozen=True)
+class Summary:
+    """One row of the table: a model's test AUC and logloss over seeds (mean and sample
+    standard deviation, 0 for one seed), and its mean validation AUC per epoch."""
+
+    model: str
+    auc: float
+    auc_sd: float
+    logloss: float
+    logloss_sd: float
+    seeds: int
+    n_train: int
+    n_test: int
+    train_seconds: float
+    val_auc: tuple[float, ...] = ()
+
+
+def summarize(results: Sequence[Result]) -> Summary:
+    """The :class:`Summary` of one model's results over several seeds."""
+    if not results:
+        raise ValueError("summarize needs at least one result")
+    auc = np.array([r.auc for r in results])
+    ll = np.array([r.logloss for r in results])
+    sd = (lambda a: float(a.std(ddof=1)) if len(a) > 1 else 0.0)
+    curves = [r.val_auc for r in results if r.val_auc]
+    curve = tuple(float(v) for v in np.mean(curves, axis=0)) if curves and len({len(c) for c in curves}) == 1 else ()
+    return Summary(results[0].model, float(auc.mean()), sd(auc), float(ll.mean()), sd(ll), len(results),
+                   results[0].n_train, results[0].n_test, float(np.mean([r.train_seconds for r in results])), curve)
+
+
+def _paper_key(model: str) -> str | None:
+    m = model.lower()
+    if m in ("two-tower", "two-tower (bce)"):
+        return "two-tower"
+    if m in ("dat", "dat (full)"):
+        return "dat"
+    if m in ("inttower", "inttower (full)"):
+        return "inttower"
+    return None
+
+
+def format_header() -> str:
+    """The header line of :func:`format_row`."""
+    return (f"{'model':<22} {'AUC':>16} {'logloss':>16} {'paper AUC':>9} {'paper LL':>8} {'train':>7} "
+            f"{'test':>6} {'train s':>7}  val AUC by epoch")
+
+
+def format_row(s: Summary) -> str:
+    """One table line: measured mean ± sd, the paper's figures where it has the model."""
+    paper = PAPER_TABLE2.get(_paper_key(s.model) or "")
+    pa, pl = (f"{paper[0]:.4f}", f"{paper[1]:.4f}") if paper else ("", "")
+    curve = " ".join(f"{v:.4f}" for v in s.val_auc)
+    return (f"{s.model:<22} {s.auc:>7.4f} ± {s.auc_sd:.4f} {s.logloss:>7.4f} ± {s.logloss_sd:.4f} {pa:>9} {pl:>8} "
+            f"{s.n_train:>7} {s.n_test:>6} {s.train_seconds:>7.1f}  {curve}")
 
 
 def format_results(results: Sequence[Result]) -> str:
-    """A plain-text table of results."""
-    lines = [f"{'model':<22} {'AUC':>7} {'logloss':>8} {'train':>7} {'test':>6} {'train s':>8}"]
-    for r in results:
-        lines.append(f"{r.model:<22} {r.auc:>7.4f} {r.logloss:>8.4f} {r.n_train:>7} {r.n_test:>6} {r.train_seconds:>8.1f}")
-    return "\n".join(lines)
+    """A plain-text table of single-seed results."""
+    return "\n".join([format_header(), *(format_row(summarize([r])) for r in results)])
+
+
+@dataclass(frozen=True)
+class RetrievalTask:
+    """Held-out positives to retrieve: a catalogue of items, the users with a positive
+    in the test part, what each user already rated in the training part (excluded from
+    its ranking) and each item's count of training positives (the popularity baseline).
+
+    ``item_xs[j]``/``item_keys[j]`` describe catalogue item ``j``; ``user_xs[u]`` user
+    ``u``; ``seen[u]`` and ``relevant[u]`` are sets of catalogue indices.
+    """
+
+    item_xs: list[dict[str, Any]]
+    item_keys: list[str]
+    user_xs: list[dict[str, Any]]
+    seen: list[frozenset[int]]
+    relevant: list[frozenset[int]]
+    popularity: np.ndarray
+
+
+def retrieval_task(data: Examples, train: np.ndarray, test: np.ndarray) -> RetrievalTask:
+    """The :class:`RetrievalTask` of a split: every item of the data is in the catalogue."""
+    first_of_item: dict[str, int] = {}
+    for i, x in enumerate(data.xs):
+        first_of_item.setdefault(x["item_id"], i)
+    item_keys = list(first_of_item)
+    col = {k: j for j, k in enumerate(item_keys)}
+    item_xs = [data.xs[i] for i in first_of_item.values()]
+    seen: dict[str, set[int]] = {}
+    pop = np.zeros(len(item_keys))
+    for i in train:
+        x = data.xs[i]
+        seen.setdefault(x["user_id"], set()).add(col[x["item_id"]])
+        pop[col[x["item_id"]]] += data.ys[i]
+    relevant: dict[str, set[int]] = {}
+    user_x: dict[str, dict[str, Any]] = {}
+    for i in test:
+        x = data.xs[i]
+        if data.ys[i] > 0 and col[x["item_id"]] not in seen.get(x["user_id"], ()):
+            relevant.setdefault(x["user_id"], set()).add(col[x["item_id"]])
+            user_x.setdefault(x["user_id"], x)
+    users = list(relevant)
+    return RetrievalTask(item_xs, item_keys, [user_x[u] for u in users],
+                         [frozenset(seen.get(u, ())) for u in users], [frozenset(relevant[u]) for u in users], pop)
+
+
+def top_k(scores: np.ndarray, seen: Sequence[frozenset[int]], k: int) -> list[list[int]]:
+    """The ``k`` best-scored catalogue indices of each row of ``scores`` (U, N), best
+    first, leaving out each row's ``seen`` items (ties: lower index first)."""
+    out = []
+    for row, s in zip(scores, seen):
+        row = row.astype(np.float64, copy=True)
+        if s:
+            row[list(s)] = -np.inf
+        best = np.lexsort((np.arange(len(row)), -row))[:k]
+        out.append([int(j) for j in best if np.isfinite(row[j])])
+    return out
 
 
 def simulator_prequential(make: Callable[[], Any], *, n_events: int, seed: int, batch_size: int = 1024) -> dict[str, Any]:
