@@ -117,7 +117,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _simulator(args: argparse.Namespace) -> int:
-    from learners.two_tower.offline import simulator_prequential
+    from learners.two_tower.offline import simulator_prequential, simulator_truth
 
     names = _models(args.model, _SIM_MODELS)
     batch = args.batch_size or 1024
@@ -125,6 +125,9 @@ def _simulator(args: argparse.Namespace) -> int:
         print(f"simulator stream, seed {seed}, first {args.events} impressions, prequential "
               f"(predict then learn), batch {batch}")
         print(f"{'model':<12} {'AUC':>7} {'logloss':>8} {'events/s':>9}")
+        truth = simulator_truth(n_events=args.events, seed=seed)
+        print(f"{'true model':<12} {truth['auc']:>7.4f} {truth['logloss']:>8.4f} {'':>9}  (the ceiling: the "
+              "simulator's own click probabilities)")
         for name in names:
             s = simulator_prequential(_factory(name, seed), n_events=args.events, seed=seed, batch_size=batch)
             print(f"{name:<12} {s['auc']:>7.4f} {s['logloss']:>8.4f} {s['events_per_s']:>9.0f}")
@@ -235,9 +238,10 @@ def _retrieval(args: argparse.Namespace, data: Any, seeds: list[int], batch: int
           f"{len(task.relevant):,} users over {len(task.item_keys):,} items; items a user rated in the training "
           f"part are excluded from its ranking; mean over seeds {','.join(map(str, seeds))}")
     cols = [f"{m}@{k}" for m in ("recall", "hr", "ndcg") for k in _KS]
-    print(f"{'model':<17} {'index':<34} " + " ".join(f"{c:>10}" for c in cols))
+    print(f"{'model':<17} {'index':<40} " + " ".join(f"{c:>10}" for c in cols))
     n_items = len(task.item_keys)
     table: dict[tuple[str, str], list[dict[str, float]]] = {}
+    labels: dict[tuple[str, str], list[Any]] = {}
     pop = np.broadcast_to(task.popularity, (len(task.user_xs), n_items))
     table[("popularity", "exact (training positives)")] = [retrieval_metrics(top_k(pop, task.seen, kmax), task.relevant,
                                                                               _KS)]
@@ -257,25 +261,28 @@ def _retrieval(args: argparse.Namespace, data: Any, seeds: list[int], batch: int
             table.setdefault((name, "exact (flat)"), []).append(retrieval_metrics(exact, task.relevant, _KS))
             for how, config in (("served", BuildConfig()), ("ivf", BuildConfig(kind="ivf_flat", seed=seed))):
                 built = build_index(items, config, queries=users)
-                label = _index_label(how, built, n_items)
+                labels.setdefault((name, how), []).append(built)
                 extra = max(len(s) for s in task.seen) if task.seen else 0
                 _, found = built.index.search(users, min(n_items, kmax + extra))
                 ranked = [[int(j) for j in row if j >= 0 and j not in s][:kmax] for row, s in zip(found, task.seen)]
-                table.setdefault((name, label), []).append(retrieval_metrics(ranked, task.relevant, _KS))
+                table.setdefault((name, how), []).append(retrieval_metrics(ranked, task.relevant, _KS))
         for key in [k for k in table if k[0] == name]:
-            _print_retrieval(key, table, cols)
+            _print_retrieval(key, table, cols, _index_label(key[1], labels[key]) if key in labels else None)
 
 
-def _index_label(how: str, built: Any, n_items: int) -> str:
-    params = {k: v for k, v in built.params.items() if k in ("nlist", "nprobe")}
-    desc = ", ".join(f"{k} {v}" for k, v in params.items())
-    if how == "served":
-        return f"served ({built.kind}{', ' + desc if desc else ''})"
-    return f"forced {built.kind} ({desc})"
+def _index_label(how: str, builds: list[Any]) -> str:
+    """What was searched: the served index's kind, or the forced IVF with its tuned nprobe per seed."""
+    kinds = sorted({b.kind for b in builds})
+    nlist = sorted({b.params.get("nlist") for b in builds if b.params.get("nlist")})
+    nprobe = [str(b.params["nprobe"]) for b in builds if "nprobe" in b.params]
+    desc = ", ".join(([f"nlist {'/'.join(map(str, nlist))}"] if nlist else [])
+                     + ([f"nprobe {'/'.join(nprobe)}"] if nprobe else []))
+    head = "served" if how == "served" else "forced"
+    return f"{head} {'/'.join(kinds)}" + (f" ({desc})" if desc else "")
 
 
-def _print_retrieval(key: tuple[str, str], table: dict, cols: list[str]) -> None:
+def _print_retrieval(key: tuple[str, str], table: dict, cols: list[str], label: str | None = None) -> None:
     runs = table[key]
     means = {c: float(np.mean([r[c] for r in runs])) for c in cols}
-    print(f"{key[0]:<17} {key[1]:<34} " + " ".join(f"{means[c]:>10.4f}" for c in cols))
+    print(f"{key[0]:<17} {label or key[1]:<40} " + " ".join(f"{means[c]:>10.4f}" for c in cols))
     sys.stdout.flush()

@@ -60,6 +60,7 @@ __all__ = [
     "retrieval_task",
     "top_k",
     "simulator_prequential",
+    "simulator_truth",
     "format_results",
     "ABLATIONS",
     "DAT_ABLATIONS",
@@ -507,3 +508,22 @@ def simulator_prequential(make: Callable[[], Any], *, n_events: int, seed: int, 
     stream = xy_from_events(ClickSimulator(SimulatorConfig(seed=seed)).events())
     metrics = prequential(make(), stream, batch_size=batch_size, metrics=PrequentialMetrics(), max_events=n_events)
     return metrics.snapshot()
+
+
+def simulator_truth(*, n_events: int, seed: int) -> dict[str, float]:
+    """AUC and logloss of the simulator's own click probabilities (read as each
+    impression is generated, so drift is included) on the first ``n_events``
+    impressions of the stream with ``seed``: the ceiling no learner can pass."""
+    from streams.simulator import ClickSimulator, SimulatorConfig
+
+    sim = ClickSimulator(SimulatorConfig(seed=seed))
+    p, y = [], []
+    for e in sim.events():
+        if e.kind != "impression":
+            continue
+        p.append(sim.true_click_probability(e.user_id, e.item_id, e.position))
+        y.append(float(e.label))
+        if len(y) >= n_events:
+            break
+    pa, ya = np.asarray(p), np.asarray(y)
+    return {"auc": roc_auc(ya, pa), "logloss": log_loss(ya, pa)}

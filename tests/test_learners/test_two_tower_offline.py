@@ -199,7 +199,7 @@ def test_retrieval_metrics_in_the_train_output(tmp_path, capsys):
     for label in ("popularity", "two-tower"):
         fields = _row(out.split("retrieval: time split")[1], label)
         assert len([f for f in fields if f.replace(".", "").isdigit()]) >= 9
-    assert "exact (flat)" in out and "served (flat)" in out and "forced ivf_flat" in out
+    assert "exact (flat)" in out and "served flat" in out and "forced ivf_flat (nlist" in out
 
 
 def test_train_cli_simulator_and_bad_arguments(capsys):
@@ -207,6 +207,7 @@ def test_train_cli_simulator_and_bad_arguments(capsys):
                  "--model", "two-tower,ctr"]) == 0
     out = capsys.readouterr().out
     assert "seed 0, first 600 impressions" in out and "ctr" in out
+    assert 0.5 < float(_row(out, "true model")[0]) <= 1.0  # the ceiling, beside the learners
     with pytest.raises(ConfigError, match="--model"):
         _cli(["train", "--dataset", "simulator", "--model", "deepfm"])
     with pytest.raises(ConfigError, match="--seeds"):
