@@ -191,6 +191,18 @@ class HashedLogisticRegression:
     def learn_one(self, x: X, y: int) -> None:
         self.predict_learn_many([x], [y])
 
+    # -- distributed sync hooks (learners.distributed) ------------------------------------
+
+    def sync_arrays(self) -> list[np.ndarray]:
+        """The live arrays ranks of one model keep equal (summed deltas after each step):
+        ``w`` for SGD, the accumulators ``z`` and ``n`` for FTRL (``w`` follows them)."""
+        return [self._z, self._n] if self.optimizer == "ftrl" else [self._w]
+
+    def after_sync(self) -> None:
+        """Recompute what follows the synced arrays (FTRL's weights from ``z`` and ``n``)."""
+        if self.optimizer == "ftrl":
+            self._w[:] = self._ftrl_weights(self._z, self._n)
+
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"spec": self.spec, "n_learned": self.n_learned}
         if self.optimizer == "ftrl":
