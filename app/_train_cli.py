@@ -71,6 +71,9 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p.add_argument("--seeds", default=None, help="comma-separated seeds (e.g. 0,1,2): mean ± sd per row")
     p.add_argument("--no-retrieval", action="store_true", help="movielens: skip the retrieval metrics")
     p.add_argument("--events", type=int, default=200_000, help="simulator: impressions to run prequentially")
+    p.add_argument("--feature-strength", type=float, default=None,
+                   help="simulator: share in [0, 1] of each user's and item's latent factor that its features "
+                        "explain (0.8); lower leaves more collaborative signal that only the ids reveal")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest for these small layers)")
     p.add_argument("--skip-bad-rows", action="store_true",
                    help="skip (and count) malformed rating rows instead of refusing a damaged file")
@@ -121,15 +124,22 @@ def _simulator(args: argparse.Namespace) -> int:
 
     names = _models(args.model, _SIM_MODELS)
     batch = args.batch_size or 1024
+    config: dict[str, float] = {}
+    if args.feature_strength is not None:
+        if not 0.0 <= args.feature_strength <= 1.0:
+            raise ConfigError(f"--feature-strength must be in [0, 1], got {args.feature_strength}")
+        config = {"user_feature_strength": args.feature_strength, "item_category_strength": args.feature_strength}
     for seed in _seeds(args):
-        print(f"simulator stream, seed {seed}, first {args.events} impressions, prequential "
+        strength = f", feature strength {args.feature_strength}" if config else ""
+        print(f"simulator stream, seed {seed}{strength}, first {args.events} impressions, prequential "
               f"(predict then learn), batch {batch}")
         print(f"{'model':<12} {'AUC':>7} {'logloss':>8} {'events/s':>9}")
-        truth = simulator_truth(n_events=args.events, seed=seed)
+        truth = simulator_truth(n_events=args.events, seed=seed, config=config)
         print(f"{'true model':<12} {truth['auc']:>7.4f} {truth['logloss']:>8.4f} {'':>9}  (the ceiling: the "
               "simulator's own click probabilities)")
         for name in names:
-            s = simulator_prequential(_factory(name, seed), n_events=args.events, seed=seed, batch_size=batch)
+            s = simulator_prequential(_factory(name, seed), n_events=args.events, seed=seed, batch_size=batch,
+                                      config=config)
             print(f"{name:<12} {s['auc']:>7.4f} {s['logloss']:>8.4f} {s['events_per_s']:>9.0f}")
             sys.stdout.flush()
     return 0

@@ -498,25 +498,27 @@ def top_k(scores: np.ndarray, seen: Sequence[frozenset[int]], k: int) -> list[li
     return out
 
 
-def simulator_prequential(make: Callable[[], Any], *, n_events: int, seed: int, batch_size: int = 1024) -> dict[str, Any]:
+def simulator_prequential(make: Callable[[], Any], *, n_events: int, seed: int, batch_size: int = 1024,
+                          config: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Prequential (predict, then learn) metrics of a fresh learner on the first
-    ``n_events`` impressions of the simulator stream with ``seed``."""
+    ``n_events`` impressions of the simulator stream with ``seed`` (``config``: further
+    :class:`~streams.simulator.SimulatorConfig` fields)."""
     from learners.evaluate import prequential, xy_from_events
     from learners.metrics import PrequentialMetrics
     from streams.simulator import ClickSimulator, SimulatorConfig
 
-    stream = xy_from_events(ClickSimulator(SimulatorConfig(seed=seed)).events())
+    stream = xy_from_events(ClickSimulator(SimulatorConfig(seed=seed, **(config or {}))).events())
     metrics = prequential(make(), stream, batch_size=batch_size, metrics=PrequentialMetrics(), max_events=n_events)
     return metrics.snapshot()
 
 
-def simulator_truth(*, n_events: int, seed: int) -> dict[str, float]:
+def simulator_truth(*, n_events: int, seed: int, config: Mapping[str, Any] | None = None) -> dict[str, float]:
     """AUC and logloss of the simulator's own click probabilities (read as each
     impression is generated, so drift is included) on the first ``n_events``
     impressions of the stream with ``seed``: the ceiling no learner can pass."""
     from streams.simulator import ClickSimulator, SimulatorConfig
 
-    sim = ClickSimulator(SimulatorConfig(seed=seed))
+    sim = ClickSimulator(SimulatorConfig(seed=seed, **(config or {})))
     p, y = [], []
     for e in sim.events():
         if e.kind != "impression":

@@ -208,6 +208,12 @@ def test_train_cli_simulator_and_bad_arguments(capsys):
     out = capsys.readouterr().out
     assert "seed 0, first 600 impressions" in out and "ctr" in out
     assert 0.5 < float(_row(out, "true model")[0]) <= 1.0  # the ceiling, beside the learners
+    assert _cli(["train", "--dataset", "simulator", "--events", "300", "--model", "lr", "--feature-strength", "0.2",
+                 "--seeds", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "seed 3, feature strength 0.2" in out and "true model" in out
+    with pytest.raises(ConfigError, match="--feature-strength"):
+        _cli(["train", "--dataset", "simulator", "--feature-strength", "1.5"])
     with pytest.raises(ConfigError, match="--model"):
         _cli(["train", "--dataset", "simulator", "--model", "deepfm"])
     with pytest.raises(ConfigError, match="--seeds"):
