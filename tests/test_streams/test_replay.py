@@ -11,6 +11,7 @@ import argparse
 import io
 import logging
 import random
+import shutil
 import zipfile
 from collections import Counter
 from pathlib import Path
@@ -398,15 +399,23 @@ def _independent_check(folder: Path) -> tuple[int, list[tuple[str, str, int, flo
     return len(lines), good, first_bad
 
 
-def test_real_ml100k_strict_mode_refuses_the_damaged_file(movielens_path):
-    _, _, first_bad = _independent_check(movielens_path)
-    if not first_bad:
-        pytest.skip(f"{movielens_path / 'u.data'} passes every line check: it is not the damaged copy")
+def test_real_ml100k_strict_mode_refuses_a_damaged_copy(movielens_path, tmp_path):
+    # The damage the shared copy once had (every '1' lost from u.data), made here from the
+    # intact files, so the refusal is tested whatever state the shared copy is in.
+    damaged = tmp_path / "ml-100k"
+    damaged.mkdir()
+    for f in movielens_path.iterdir():
+        if f.is_file():
+            shutil.copy(f, damaged / f.name)
+    text = (movielens_path / "u.data").read_text(encoding="latin-1")
+    (damaged / "u.data").write_text(text.replace("1", ""), encoding="latin-1")
+    _, _, first_bad = _independent_check(damaged)
+    assert first_bad, "removing every '1' must break some line"
     with pytest.raises(ConfigError) as err:
-        iter_movielens_events(movielens_path)
+        iter_movielens_events(damaged)
     assert f"u.data line {first_bad}: " in str(err.value)
     with pytest.raises(ConfigError, match=rf"u\.data line {first_bad}: "):
-        load_movielens(movielens_path, on_bad_line="raise")
+        load_movielens(damaged, on_bad_line="raise")
 
 
 def test_real_ml100k_replay_skip_mode(movielens_path, caplog):
