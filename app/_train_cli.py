@@ -8,12 +8,15 @@ beside the IntTower paper's Table 2 (MovieLens-1M, its own protocol: a different
 set), and with ``--ablations`` the IntTower (-LightSE, -FE, -CIR) and DAT (-AMM, -CA)
 ablation rows. Then, unless ``--no-retrieval``, the retrieval metrics of the frozen
 item towers on a time split: Recall@K, HR@K and NDCG@K (K = 10, 50, 100) of the
-two-tower (BCE and in-batch softmax) and IntTower against a popularity baseline, by exact search and by the index
-the indexer would serve (and a forced IVF index, where the ANN loss shows). Progress
-per model and epoch: a bar on a terminal, one line per epoch otherwise.
+two-tower (BCE and in-batch softmax) and IntTower against a popularity baseline, by
+exact search and by the index the indexer would serve (and a forced IVF index, where
+the ANN loss shows). Progress per model and epoch: a bar on a terminal, one line per
+epoch otherwise.
 
 ``--dataset simulator`` runs each model prequentially (predict, then learn) on the
-simulated click stream and prints its AUC, with the CTR-average baseline beside it.
+simulated click stream and prints its AUC, with the true model's AUC (the ceiling)
+above it; ``--feature-strength`` sets how much of the latent factors the features
+explain (lower: more collaborative signal that only the ids reveal).
 
 Examples::
 

@@ -13,7 +13,8 @@ Two protocols (:data:`PROTOCOLS`):
     dropped, ``rating > 3`` positive, random 80/20 split, field embeddings of 32, tower
     MLPs 300-300-128, Adam 1e-3 on the dense layers, batch 2048. Departures: the id
     embeddings keep the learners' sparse Adagrad (the stream's optimiser) instead of
-    Adam; the towers' outputs stay L2-normalised with a learned scale; and its per-split
+    Adam; the towers' outputs stay L2-normalised with a learned scale; the epoch count
+    is the caller's (not taken from the official code); and its per-split
     mean-rating features are **not** used: they are computed from the labels of each
     split, the test split included, so they leak the test labels into the features.
 
