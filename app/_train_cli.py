@@ -251,7 +251,7 @@ def _retrieval(args: argparse.Namespace, data: Any, seeds: list[int], batch: int
           f"{len(task.relevant):,} users over {len(task.item_keys):,} items; items a user rated in the training "
           f"part are excluded from its ranking; mean over seeds {','.join(map(str, seeds))}")
     cols = [f"{m}@{k}" for m in ("recall", "hr", "ndcg") for k in _KS]
-    print(f"{'model':<17} {'index':<40} " + " ".join(f"{c:>10}" for c in cols))
+    print(f"{'model':<17} {'index':<40} " + " ".join(f"{c:>10}" for c in cols) + "   sd: recall@50 ndcg@10")
     n_items = len(task.item_keys)
     table: dict[tuple[str, str], list[dict[str, float]]] = {}
     labels: dict[tuple[str, str], list[Any]] = {}
@@ -297,5 +297,7 @@ def _index_label(how: str, builds: list[Any]) -> str:
 def _print_retrieval(key: tuple[str, str], table: dict, cols: list[str], label: str | None = None) -> None:
     runs = table[key]
     means = {c: float(np.mean([r[c] for r in runs])) for c in cols}
-    print(f"{key[0]:<17} {label or key[1]:<40} " + " ".join(f"{means[c]:>10.4f}" for c in cols))
+    sd = [float(np.std([r[c] for r in runs], ddof=1)) if len(runs) > 1 else 0.0 for c in ("recall@50", "ndcg@10")]
+    print(f"{key[0]:<17} {label or key[1]:<40} " + " ".join(f"{means[c]:>10.4f}" for c in cols)
+          + f"   {sd[0]:>12.4f} {sd[1]:>7.4f}")
     sys.stdout.flush()
