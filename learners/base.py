@@ -23,9 +23,11 @@ from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
+from streams.columns import NO_VALUE, EventColumns
 from streams.events import Event, FeatureValue
 
-__all__ = ["Learner", "X", "event_to_x", "USER_PREFIX", "ITEM_PREFIX", "CTX_PREFIX"]
+__all__ = ["Learner", "X", "event_to_x", "columns_to_xs", "prefixed_names", "USER_PREFIX", "ITEM_PREFIX",
+           "CTX_PREFIX"]
 
 X = Mapping[str, FeatureValue]
 USER_PREFIX = "u:"
@@ -71,6 +73,37 @@ def event_to_x(event: Event, *, with_position: bool = True) -> dict[str, Feature
     if with_position and event.position is not None:
         x[_POSITION_KEY] = event.position
     return x
+
+
+def prefixed_names(names: Sequence[str], item: bool) -> tuple[str, ...]:
+    """The example keys of user (``item=False``) or item feature names, the very strings
+    :func:`event_to_x` uses."""
+    keys, prefix = (_ITEM_KEYS, ITEM_PREFIX) if item else (_USER_KEYS, USER_PREFIX)
+    return tuple(keys.get(name) or _prefixed(keys, prefix, name) for name in names)
+
+
+def columns_to_xs(cols: EventColumns, *, with_position: bool = True) -> list[dict[str, FeatureValue]]:
+    """:func:`event_to_x` of every row of a column batch (equal dicts, same key order),
+    for learners fed per example (River) and the hasher's mixed-fields path.
+
+    >>> from streams.events import Event
+    >>> e = Event(kind="impression", event_id="e1", event_time=0.0, user_id="u1", request_id="r1",
+    ...           user_features={"age": "25-34"}, item_id="i9", item_features={"tags": ("a",)}, label=0, position=2)
+    >>> columns_to_xs(EventColumns.from_events([e])) == [event_to_x(e)]
+    True
+    """
+    out = []
+    positions = cols.position.tolist()
+    for uid, uf, iid, itf, pos in zip(cols.user_id, cols.user_features, cols.item_id, cols.item_features, positions):
+        x: dict[str, FeatureValue] = {"user_id": uid}
+        x.update(zip(prefixed_names(tuple(uf), False), uf.values()))
+        if iid is not None:
+            x["item_id"] = iid
+            x.update(zip(prefixed_names(tuple(itf), True), itf.values()))
+        if with_position and pos != NO_VALUE:
+            x[_POSITION_KEY] = pos
+        out.append(x)
+    return out
 
 
 @runtime_checkable

@@ -34,6 +34,7 @@ import numpy as np
 
 from learners.base import X
 from learners.metrics import as_labels
+from streams.columns import EventColumns
 
 __all__ = ["CTRLearner", "TimeUnit"]
 
@@ -132,10 +133,13 @@ class CTRLearner:
 
     def predict_proba_many(self, xs: Sequence[X]) -> np.ndarray:
         """P(click) of each example, shape (B,)."""
+        return self._predict_keys(self._keys(xs))
+
+    def _predict_keys(self, keys: list[Any]) -> np.ndarray:
         g = self._global_ctr()
         index = self._index
-        idx = np.fromiter(map(index.get, self._keys(xs), repeat(-1)), dtype=np.int64, count=len(xs))
-        p = np.full(len(xs), g)
+        idx = np.fromiter(map(index.get, keys, repeat(-1)), dtype=np.int64, count=len(keys))
+        p = np.full(len(keys), g)
         seen = idx >= 0
         if seen.any():
             i = idx[seen]
@@ -149,8 +153,22 @@ class CTRLearner:
         y = as_labels(ys, len(xs))
         if not len(xs):
             return
-        t = self._times(xs)
-        self._learn_items(xs, y, t)
+        self._learn_keys(self._keys(xs), y, self._times(xs))
+
+    def predict_learn_columns(self, cols: EventColumns) -> np.ndarray:
+        """Predict then learn the rows of a column batch of impressions (their labels):
+        what :meth:`predict_proba_many` then :meth:`learn_many` give on
+        ``columns_to_xs(cols)``, read from the id column."""
+        if self.key not in ("item_id", "user_id") or self.time_unit != "events":
+            raise NotImplementedError("the column path counts per item_id or user_id in time_unit='events'")
+        keys = cols.item_id if self.key == "item_id" else cols.user_id
+        p = self._predict_keys(keys)
+        if len(keys):
+            self._learn_keys(keys, as_labels(cols.label, len(keys)), self._times(keys))
+        return p
+
+    def _learn_keys(self, keys: list[Any], y: np.ndarray, t: np.ndarray) -> None:
+        self._learn_items(keys, y, t)
         # global counts refer to the latest time seen
         now = max(self._now, float(t.max())) if self.n_learned else float(t.max())
         wg = self._decay(now - t)
@@ -158,12 +176,11 @@ class CTRLearner:
         self._g_clicks = float(self._g_clicks * dg + np.dot(wg, y))
         self._g_imps = float(self._g_imps * dg + wg.sum())
         self._now = now
-        self.n_learned += len(xs)
+        self.n_learned += len(keys)
 
-    def _learn_items(self, xs: Sequence[X], y: np.ndarray, t: np.ndarray) -> None:
+    def _learn_items(self, keys: list[Any], y: np.ndarray, t: np.ndarray) -> None:
         index = self._index
         n_known = len(index)
-        keys = self._keys(xs)
         for k in dict.fromkeys(keys):  # new keys get the next indices, in order of appearance
             if k not in index and k is not None:
                 index[k] = len(index)

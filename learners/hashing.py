@@ -43,7 +43,8 @@ from typing import Any, Iterable, NamedTuple, Sequence
 
 import numpy as np
 
-from learners.base import X
+from learners.base import CTX_PREFIX, X, columns_to_xs, prefixed_names
+from streams.columns import NO_VALUE, EventColumns
 
 __all__ = ["FeatureHasher", "HashedBatch", "DEFAULT_CROSSES", "stable_hash", "feature_tokens"]
 
@@ -358,15 +359,34 @@ class FeatureHasher:
 
     def transform(self, xs: Sequence[X]) -> HashedBatch:
         """Hash a batch of examples into a :class:`HashedBatch` (``xs`` is not modified)."""
-        if len(self._cache) >= self.max_cache:
-            self._cache.clear()
-            self._groups = [()]
-            self._group_arrays = self._no_groups()
+        self._bound_cache()
         n_rows = len(xs)
         try:
             parts = self._parts_same_fields(xs)
         except (KeyError, TypeError, ValueError):  # varying fields, a list value, a bad value
             parts = self._parts_any(xs)
+        return self._batch(parts, n_rows)
+
+    def transform_columns(self, cols: EventColumns) -> HashedBatch:
+        """Hash the rows of a column batch exactly as ``transform(columns_to_xs(cols))``
+        would (same entries, same order), without a dict per row when every row has an
+        item, a position and the batch's feature names in one order."""
+        self._bound_cache()
+        try:
+            parts = self._parts_columns(cols)
+        except (KeyError, TypeError, ValueError):  # a value the column path cannot take
+            parts = None
+        if parts is None:
+            return self.transform(columns_to_xs(cols))
+        return self._batch(parts, len(cols))
+
+    def _bound_cache(self) -> None:
+        if len(self._cache) >= self.max_cache:
+            self._cache.clear()
+            self._groups = [()]
+            self._group_arrays = self._no_groups()
+
+    def _batch(self, parts: list[_Part], n_rows: int) -> HashedBatch:
         if not parts:
             empty = np.zeros(0, dtype=np.int64)
             return HashedBatch(rows=empty, cols=empty, vals=np.zeros(0), n_rows=n_rows)
@@ -407,7 +427,37 @@ class FeatureHasher:
             return []
         values = chain.from_iterable(map(itemgetter(*used), xs)) if n_f > 1 else map(itemgetter(used[0]), xs)
         codes, numbers = self._lookup(values, n_rows * n_f)
-        codes, numbers = codes.reshape(n_rows, n_f), numbers.reshape(n_rows, n_f)
+        return self._parts_from_codes(layout, codes.reshape(n_rows, n_f), numbers.reshape(n_rows, n_f))
+
+    def _parts_columns(self, cols: EventColumns) -> list[_Part] | None:
+        """Parts of a column batch, one look-up pass per block of fields; ``None`` when its
+        rows differ in their fields (then the dict path decides)."""
+        n_rows = len(cols)
+        if not n_rows:
+            return []
+        if cols.position.dtype != np.int64 or bool((cols.position == NO_VALUE).any()) or None in cols.item_id:
+            return None
+        user_names, item_names = set(map(tuple, cols.user_features)), set(map(tuple, cols.item_features))
+        if len(user_names) != 1 or len(item_names) != 1:
+            return None
+        u, i = user_names.pop(), item_names.pop()
+        names = ("user_id", *prefixed_names(u, False), "item_id", *prefixed_names(i, True), CTX_PREFIX + "position")
+        layout = self._layout(names)
+        blocks = [(cols.user_id, 1), (chain.from_iterable(map(dict.values, cols.user_features)), len(u)),
+                  (cols.item_id, 1), (chain.from_iterable(map(dict.values, cols.item_features)), len(i)),
+                  (cols.position.tolist(), 1)]
+        looked = [self._lookup(values, n_rows * width) for values, width in blocks]
+        codes = np.hstack([c.reshape(n_rows, w) for (c, _), (_, w) in zip(looked, blocks)])
+        numbers = np.hstack([x.reshape(n_rows, w) for (_, x), (_, w) in zip(looked, blocks)])
+        if len(layout.used) < len(names):
+            codes, numbers = codes[:, layout.used], numbers[:, layout.used]
+        if not codes.shape[1]:
+            return []
+        return self._parts_from_codes(layout, codes, numbers)
+
+    def _parts_from_codes(self, layout: _Layout, codes: np.ndarray, numbers: np.ndarray) -> list[_Part]:
+        """Parts of the (B, used fields) code matrix of a batch whose rows share their fields."""
+        n_rows = codes.shape[0]
         is_multi = ((codes & _MULTI) != 0).any(axis=0)
         dense = np.flatnonzero(~is_multi)
         all_rows = np.arange(n_rows, dtype=np.int64)

@@ -36,6 +36,7 @@ import numpy as np
 from learners.base import X
 from learners.hashing import FeatureHasher, HashedBatch
 from learners.metrics import as_labels
+from streams.columns import EventColumns
 
 __all__ = ["HashedLogisticRegression", "Optimizer"]
 
@@ -182,6 +183,19 @@ class HashedLogisticRegression:
         if not len(xs):
             return np.zeros(0)
         p, batch = self._forward(xs)
+        self._update(p, ys, batch)
+        return p
+
+    def predict_learn_columns(self, cols: EventColumns) -> np.ndarray:
+        """:meth:`predict_learn_many` on the rows of a column batch of impressions (their
+        labels), hashed from the columns: the same predictions and state as on
+        ``columns_to_xs(cols)``."""
+        if not len(cols):
+            return np.zeros(0)
+        ys = as_labels(cols.label, len(cols))
+        batch = self.hasher.transform_columns(cols)
+        logit = np.bincount(batch.rows, weights=self._w[batch.cols] * batch.vals, minlength=batch.n_rows)
+        p = _sigmoid(logit + self._w[self._bias])
         self._update(p, ys, batch)
         return p
 
