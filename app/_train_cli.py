@@ -188,6 +188,7 @@ def _movielens(args: argparse.Namespace) -> int:
     batch = args.batch_size or proto.batch_size or 1024
     names = _models(args.model, MODELS)
     seeds = _seeds(args)
+    print(f"reading {args.path} ...", flush=True)
     data = movielens_examples(args.path, skip_bad_rows=args.skip_bad_rows, protocol=args.protocol)
     print(f"data: {data.source}: layout {data.layout}: {data.n_users:,} users, {data.n_items:,} items, "
           f"{data.n_ratings:,} ratings; {len(data.xs):,} examples, {int(data.ys.sum()):,} positive "
