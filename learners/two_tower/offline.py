@@ -56,6 +56,7 @@ __all__ = [
     "Summary",
     "movielens_examples",
     "split_examples",
+    "with_leaky_mean_ratings",
     "train_and_evaluate",
     "summarize",
     "retrieval_task",
@@ -169,6 +170,7 @@ class Examples:
     n_users: int = 0
     n_items: int = 0
     n_ratings: int = 0
+    ratings: np.ndarray | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -297,7 +299,33 @@ def movielens_examples(path: str | Path, *, skip_bad_rows: bool = False, protoco
     ys = (ratings[keep] > proto.positive_above).astype(np.float64)
     notes["examples"] = len(xs)
     return Examples(xs, ys, np.array(times), f"{layout} at {p}", notes, layout=layout, rule=proto.rule,
-                    n_users=len(np.unique(ml.user_ids)), n_items=len(np.unique(ml.item_ids)), n_ratings=len(ml))
+                    n_users=len(np.unique(ml.user_ids)), n_items=len(np.unique(ml.item_ids)), n_ratings=len(ml),
+                    ratings=ratings[keep])
+
+
+def with_leaky_mean_ratings(data: Examples, parts: Sequence[np.ndarray]) -> Examples:
+    """``data`` with the official IntTower code's mean-rating features, for showing their
+    effect only: each example gets its user's and its item's mean rating computed over
+    the examples of its own part (train and test separately, as that code does), as
+    half-star buckets ``u:mean_rating`` / ``i:mean_rating``. The test part's means are
+    computed from the test labels' ratings: **this leaks the labels** into the features.
+    """
+    if data.ratings is None:
+        raise ValueError("these examples carry no ratings (build them with movielens_examples)")
+    xs = [dict(x) for x in data.xs]
+    r = data.ratings
+    for idx in parts:
+        for key, name in (("user_id", "u:mean_rating"), ("item_id", "i:mean_rating")):
+            sums: dict[Any, list[float]] = {}
+            for i in idx.tolist():
+                acc = sums.setdefault(xs[i][key], [0.0, 0.0])
+                acc[0] += r[i]
+                acc[1] += 1.0
+            for i in idx.tolist():
+                total, count = sums[xs[i][key]]
+                xs[i][name] = f"{round(2 * total / count) / 2:.1f}"
+    return Examples(xs, data.ys, data.times, data.source, dict(data.notes), layout=data.layout, rule=data.rule,
+                    n_users=data.n_users, n_items=data.n_items, n_ratings=data.n_ratings, ratings=data.ratings)
 
 
 def split_examples(data: Examples, how: Split, *, test_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from app import _train_cli
-from learners.two_tower.offline import Progress, movielens_examples, split_examples, train_and_evaluate
+from learners.two_tower.offline import (Progress, movielens_examples, split_examples, train_and_evaluate,
+                                        with_leaky_mean_ratings)
 from learners.registry import make_learner
 from streams.errors import ConfigError
 
@@ -157,12 +158,19 @@ def test_inttower_paper_protocol_drops_rating_3(tmp_path, capsys):
     (tmp_path / "u.data").write_text("\n".join(text) + "\n")
     project = movielens_examples(tmp_path)
     paper = movielens_examples(tmp_path, protocol="inttower-paper")
+    train, test = split_examples(paper, "random")
+    leaky = with_leaky_mean_ratings(paper, (train, test))
+    i = int(test[0])
+    same_user = [j for j in test.tolist() if paper.xs[j]["user_id"] == paper.xs[i]["user_id"]]
+    want = np.mean(paper.ratings[same_user])  # the test part's own ratings: the leak
+    assert leaky.xs[i]["u:mean_rating"] == f"{round(2 * want) / 2:.1f}" and "u:mean_rating" not in paper.xs[i]
     assert len(project.xs) == 200 and len(paper.xs) == 180
     assert paper.ys.sum() == project.ys.sum()  # 3 was a non-click anyway: only non-clicks went
     assert _cli(["train", "--dataset", "movielens", "--path", str(tmp_path), "--model", "two-tower",
-                 "--protocol", "inttower-paper", "--no-retrieval"]) == 0
+                 "--protocol", "inttower-paper", "--no-retrieval", "--leaky-row"]) == 0
     out = capsys.readouterr().out
     assert "rating 3 dropped" in out and "batch 2048" in out
+    assert 0.0 <= float(_row(out, "two-tower LEAKY means")[0]) <= 1.0 and "leak the test labels" in out
     with pytest.raises(ConfigError, match="random split"):
         _cli(["train", "--dataset", "movielens", "--path", str(tmp_path), "--protocol", "inttower-paper",
               "--split", "time"])
