@@ -131,7 +131,8 @@ class DemoConfig:
         if self.index_learner not in self.learners:
             raise ConfigError(f"the indexed learner {self.index_learner!r} must be one of {self.learners}")
         if self.replay is not None and not Path(self.replay).is_dir():
-            raise ConfigError(f"--replay {self.replay} is not a folder (an unzipped ml-100k or ml-1m)")
+            raise ConfigError(f"--replay {self.replay} is not a folder (an unzipped ml-100k, ml-1m or "
+                              "ratings.csv layout)")
 
     @property
     def events_total(self) -> int:

@@ -152,7 +152,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
                           "new item's first impression")
     sim.set_defaults(func=_simulate)
 
-    rep = sources.add_parser("replay", help="MovieLens ratings (ml-100k or ml-1m) in timestamp order")
+    rep = sources.add_parser("replay", help="MovieLens ratings (ml-100k, ml-1m or the ratings.csv layout) in timestamp order")
     common(rep)
     rep.add_argument("--path", type=Path, default=None,
                      help="folder holding the MovieLens files (with --download: where to put them)")
@@ -210,7 +210,8 @@ def _replay(args: argparse.Namespace) -> int:
         dest = path if path is not None else Path.home() / ".cache" / "towerstream" / "movielens"
         path = download_movielens(args.download, dest)
     if path is None:
-        raise ConfigError("replay needs --path DIR (an unzipped ml-100k or ml-1m folder) or --download NAME")
+        raise ConfigError("replay needs --path DIR (an unzipped ml-100k, ml-1m or ratings.csv + movies.csv folder) "
+                          "or --download NAME")
     ml = load_movielens(path, on_bad_line=args.on_bad_line)
     events = iter_movielens_events(ml)
     if args.events is not None:
@@ -225,7 +226,9 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 def _report_skipped(ml) -> None:
-    ratings = "ratings.dat" if ml.name == "ml-1m" else "u.data"
+    from streams.replay import MOVIELENS_FORMATS
+
+    ratings = MOVIELENS_FORMATS[ml.name][0]
     print(f"skipped {ml.n_skipped} bad lines of {ratings} (--on-bad-line skip; {len(ml)} usable):")
     for reason, n in sorted(ml.skipped.items(), key=lambda kv: (-kv[1], kv[0])):
         print(f"  {reason}: {n}")
