@@ -29,6 +29,7 @@ from indexer.announce import Announcement, Announcer, ensure_control_topic
 from indexer.artifacts import ArtifactStore
 from indexer.build import BuildConfig
 from indexer.catalogue import Catalogue
+from indexer.evaluation import RetrievalEvaluator
 from indexer.follow import RecentWindow, StreamFollower
 from indexer.guardrail import Guardrail, GuardrailConfig
 from indexer.service import FileCheckpointSource, FrozenModel, IndexerService
@@ -203,6 +204,7 @@ def _run(args: argparse.Namespace) -> int:
         return window.held_out(model.offsets)
 
     service = _service(args, Announcer(producer, topics), held_out)
+    service.retrieval = RetrievalEvaluator(popularity=window.learned_clicks)  # Recall/HR/NDCG@K per version
     server = None
     if args.metrics_port is not None:
         from prometheus_client import REGISTRY

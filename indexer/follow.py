@@ -71,6 +71,24 @@ class RecentWindow:
                 ys.append(y)
         return xs, np.asarray(ys, dtype=np.int64)
 
+    def learned_clicks(self, offsets: Mapping[str, Mapping[int, int]]) -> dict[str, int]:
+        """Clicks per item id on the kept examples *before* ``offsets`` (what a checkpoint
+        with those offsets learned): the popularity baseline of retrieval evaluation.
+
+        >>> w = RecentWindow()
+        >>> for off, (item, y) in enumerate([("a", 1), ("b", 1), ("a", 1), ("a", 0), ("b", 1)]):
+        ...     w.add("events", 0, off, {"item_id": item}, y)
+        >>> w.learned_clicks({"events": {0: 4}})
+        {'a': 2, 'b': 1}
+        """
+        with self._lock:
+            rows = list(self._rows)
+        counts: collections.Counter[str] = collections.Counter()
+        for topic, partition, offset, x, y in rows:
+            if y == 1 and offset < offsets.get(topic, {}).get(partition, 0):
+                counts[str(x.get("item_id"))] += 1
+        return dict(counts)
+
 
 class StreamFollower:
     """Reads the events topic into a catalogue (and a window) on a background thread.

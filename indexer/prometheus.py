@@ -44,7 +44,10 @@ class IndexerStatsCollector(Collector):
     duration when the counter moved between two scrapes), ``towerstream_index_version``,
     ``towerstream_index_age_seconds`` (since the served version was published),
     ``towerstream_index_items``, ``towerstream_index_recall_at_k{k}``,
-    ``towerstream_index_quality_auc`` (held-out AUC of the frozen towers).
+    ``towerstream_index_quality_auc`` (held-out AUC of the frozen towers),
+    ``towerstream_index_retrieval{metric="recall|hr|ndcg",k,search="served|flat|popularity"}``
+    and ``towerstream_index_retrieval_users`` (Recall/HR/NDCG@K of the latest published
+    version on the held-out clicks, :mod:`indexer.evaluation`; absent until measured).
     """
 
     def __init__(self, service: Any, *, recall_k: int | None = None,
@@ -91,7 +94,13 @@ class IndexerStatsCollector(Collector):
         recall = GaugeMetricFamily(f"{p}_index_recall_at_k", "Recall@K of the ANN index against exact search.",
                                    labels=["k"])
         quality = GaugeMetricFamily(f"{p}_index_quality_auc", "Held-out AUC of the frozen towers' dot product.")
+        retrieval = GaugeMetricFamily(
+            f"{p}_index_retrieval", "Recall/HR/NDCG@K of the published version on the held-out clicks, "
+            "by search (served index, exact flat search, popularity).", labels=["metric", "k", "search"])
+        retrieval_users = GaugeMetricFamily(f"{p}_index_retrieval_users",
+                                            "Users with a held-out click that the retrieval gauges average.")
         if s is not None:
+            self._retrieval(getattr(s, "retrieval", None), retrieval, retrieval_users)
             n_builds = int(getattr(s, "builds_total", 0))
             builds.add_metric([], float(n_builds))
             refused.add_metric([], float(getattr(s, "refused_total", 0)))
@@ -120,7 +129,19 @@ class IndexerStatsCollector(Collector):
                 quality.add_metric([], q)
         yield from (builds, refused, failed, retrains)
         yield from self._build_seconds.collect()
-        yield from (version, age, items, recall, quality)
+        yield from (version, age, items, recall, quality, retrieval, retrieval_users)
+
+    @staticmethod
+    def _retrieval(report: Any, family: GaugeMetricFamily, users: GaugeMetricFamily) -> None:
+        if not isinstance(report, dict) or not report.get("users"):
+            return
+        users.add_metric([], float(report["users"]))
+        for search, values in report.get("metrics", {}).items():
+            for key, value in values.items():
+                metric, _, k = key.partition("@")
+                v = _num(value)
+                if v is not None and not math.isnan(v):
+                    family.add_metric([metric, k, search], v)
 
 
 def indexer_ready(service: Any) -> Callable[[], tuple[bool, str]]:

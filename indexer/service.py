@@ -132,6 +132,7 @@ class IndexerMetrics:
     index_version: int | None = None
     index_items: int = 0
     last_publish_time: float | None = None
+    retrieval: Mapping[str, Any] | None = None  # RetrievalReport.as_dict() of the latest published version
 
     def index_age_seconds(self, now: float | None = None) -> float:
         """Seconds since the served version was published (NaN if none)."""
@@ -191,6 +192,10 @@ class IndexerService:
         Monotonic time source (injected so tests drive time).
     wall_clock
         Epoch time source for manifests and index age.
+    retrieval
+        ``retrieval(encoder, offsets, index, vectors, ids, xs, ys, version)`` after each
+        publish (:class:`~indexer.evaluation.RetrievalEvaluator`): Recall/HR/NDCG@K on
+        the held-out clicks, kept in ``metrics.retrieval`` (None: not measured).
     build_hook
         Passed to :meth:`ArtifactStore.write_version` (crash tests).
     """
@@ -211,6 +216,7 @@ class IndexerService:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         build_hook: Callable[[str, Path], None] | None = None,
+        retrieval: Callable[..., Any] | None = None,
     ) -> None:
         if period_s <= 0:
             raise IndexerError(f"period_s must be > 0 seconds, got {period_s}")
@@ -229,6 +235,7 @@ class IndexerService:
         self.clock = clock
         self.wall_clock = wall_clock
         self.build_hook = build_hook
+        self.retrieval = retrieval
         self.metrics = IndexerMetrics()
         self._trained: TrainedState | None = None
         self._served_encoder: tuple[int, TwoTowerEncoder] | None = None  # (version, encoder)
@@ -405,6 +412,9 @@ class IndexerService:
         lap("retain")
         self._trained = result.trained
         self._served_encoder = (info.version, model.encoder)
+        if self.retrieval is not None:
+            self._measure_retrieval(model, result, vectors, snap.ids, xs, ys, info.version)
+            lap("retrieval")
         self._done_key = key
         self._built_events = model.events_learned
         m = self.metrics
@@ -420,6 +430,15 @@ class IndexerService:
                  info.version, len(snap), result.kind, result.recall_k, result.recall, auc, seconds, trigger)
         return BuildOutcome("published", version=info.version, seconds=seconds, manifest=info.manifest,
                             decision=decision, phases=phases)
+
+    def _measure_retrieval(self, model: FrozenModel, result: BuildResult, vectors: np.ndarray,
+                           ids: Sequence[str], xs: Sequence[X], ys: np.ndarray, version: int) -> None:
+        try:
+            report = self.retrieval(model.encoder, model.offsets, result.index, vectors, list(ids), xs, ys, version)
+        except (TowerstreamError, RuntimeError, ValueError) as exc:  # a measurement never undoes a publish
+            log.error("retrieval evaluation of version %d failed: %s", version, exc)
+            return
+        self.metrics.retrieval = report.as_dict()
 
     def _refused(self, decision: GuardrailDecision, key: tuple[object, int], t0: float) -> BuildOutcome:
         self._done_key = key  # the same inputs would be refused again
