@@ -398,7 +398,8 @@ class Demo:
         common = ["--bootstrap-servers", self.bootstrap, "--topic-prefix", self.prefix, "--rate", f"{cfg.rate:g}",
                   "--duration", f"{cfg.duration_s:g}", "--no-create-topics", "--quiet"]
         if cfg.replay is not None:
-            return self._base("produce", "replay", *common, "--path", str(cfg.replay), "--on-bad-line", "skip")
+            return self._base("produce", "replay", *common, "--path", str(cfg.replay), "--on-bad-line", "skip",
+                              "--requests")
         return self._base("produce", "simulate", *common, "--seed", str(cfg.seed),
                           "--drift-every", str(cfg.sim_drift_every), "--new-item-rate", f"{cfg.sim_new_item_rate:g}",
                           "--truth-file", str(self.out / "truth.jsonl"))

@@ -11,6 +11,9 @@ Reads the run directory written by :class:`app.demo.Demo` (``demo.json``,
   index version that holds it (simulator runs);
 * ``latency.png``: the scorer's latency histogram (total stage) at the end, p50/p99;
 * ``index_versions.png``: index versions and their item counts over time;
+* ``retrieval.png``: Recall@K and NDCG@K of each published version on the indexer's
+  held-out clicks over time, served index vs exact search vs popularity (the indexer's
+  ``towerstream_index_retrieval`` gauges);
 * ``summary.json`` and ``report.md``: the final table (cumulative AUC/logloss per
   learner), whether the expected ordering held, freshness, latency, throughput.
 
@@ -208,6 +211,31 @@ def latency_stages(run: RunData, warmup_s: float = 10.0) -> dict[str, Any]:
     return out
 
 
+RETRIEVAL_SEARCHES: tuple[str, ...] = ("served", "flat", "popularity")
+
+
+def retrieval_key(metric: str, k: int, search: str) -> str:
+    """The timeseries key of one retrieval gauge.
+
+    >>> retrieval_key("recall", 50, "flat")
+    'towerstream_index_retrieval{k="50",metric="recall",search="flat"}'
+    """
+    return sample_key("towerstream_index_retrieval", {"metric": metric, "k": str(k), "search": search})
+
+
+def retrieval(run: RunData) -> dict[str, Any]:
+    """The indexer's last retrieval gauges: ``{search: {"recall@K": v, ...}}`` and the users averaged."""
+    ix = run.final("indexer")
+    out: dict[str, dict[str, float]] = {}
+    for key, v in ix.items():
+        if not key.startswith("towerstream_index_retrieval{"):
+            continue
+        labels = dict(part.split("=", 1) for part in key.split("{", 1)[1].rstrip("}").split(","))
+        labels = {k: val.strip('"') for k, val in labels.items()}
+        out.setdefault(labels["search"], {})[f"{labels['metric']}@{labels['k']}"] = v
+    return {"users": ix.get("towerstream_index_retrieval_users"), "metrics": out}
+
+
 def versions_published(run: RunData) -> int:
     return len(run.versions)
 
@@ -274,6 +302,7 @@ def summarize(run: RunData) -> dict[str, Any]:
             "recall": next((v for k, v in ix.items() if k.startswith("towerstream_index_recall_at_k")), None),
             "learner": idx_learner,
         },
+        "retrieval": retrieval(run),
         "scorer": {
             "started": bool(sc),
             "requests": requests,
@@ -593,6 +622,36 @@ def plot_index_versions(run: RunData, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_retrieval(run: RunData, path: Path, recall_k: int = 50, ndcg_k: int = 10) -> None:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    styles = {"served": ("-", 2.0), "flat": ("--", 1.2), "popularity": (":", 1.5)}
+    drawn = 0
+    for ax, metric, k in ((axes[0], "recall", recall_k), (axes[1], "ndcg", ndcg_k)):
+        for search in RETRIEVAL_SEARCHES:
+            t, v = run.series("indexer", retrieval_key(metric, k, search))
+            if len(t):
+                ls, lw = styles[search]
+                ax.plot(t, v, linestyle=ls, linewidth=lw, marker="o" if len(t) < 30 else None, markersize=3,
+                        label={"served": "served index", "flat": "exact (flat) search",
+                               "popularity": "popularity"}[search])
+                drawn += 1
+        ax.set_title(f"{'Recall' if metric == 'recall' else 'NDCG'}@{k} on the held-out clicks")
+        ax.set_xlabel("seconds since the stream started")
+        ax.set_ylim(bottom=0)
+        _mark_drifts(ax, run.drifts)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="upper left")
+    if not drawn:
+        for ax in axes:
+            ax.text(0.5, 0.5, "No retrieval gauges were scraped\n(no index version measured)", ha="center",
+                    va="center", transform=ax.transAxes)
+            ax.set_axis_off()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 # --------------------------------------------------------------------------- markdown
 
 
@@ -696,6 +755,25 @@ def _markdown(run: RunData, s: dict[str, Any]) -> str:
               f"(guardrail refusals {_n(ix['refused'], '.0f')}, failed builds {_n(ix['failed'], '.0f')}); "
               f"{_n(ix['items'], ',.0f')} items in the last one, recall@K {_n(ix['recall'], '.3f')} against exact "
               "search.", "", "![index versions](index_versions.png)", ""]
+    rt = s.get("retrieval") or {}
+    lines += ["## Retrieval", ""]
+    if rt.get("metrics"):
+        ks = sorted({int(key.split("@")[1]) for m in rt["metrics"].values() for key in m})
+        searches = [x for x in RETRIEVAL_SEARCHES if x in rt["metrics"]]
+        lines += [f"The last published version on the indexer's held-out clicks ({_n(rt['users'], ',.0f')} users "
+                  "with a click the checkpoint had not learned; each user's clicked items are its relevant set): "
+                  "the served index, exact inner-product search over the same vectors, and the items most clicked "
+                  "in what the checkpoint learned of the window.", "",
+                  "| search | " + " | ".join(f"{m}@{k}" for m in ("recall", "hr", "ndcg") for k in ks) + " |",
+                  "|---|" + "---:|" * (3 * len(ks))]
+        for search in searches:
+            m = rt["metrics"][search]
+            lines.append(f"| {search} | " + " | ".join(_n(m.get(f"{mm}@{k}"), ".3f")
+                                                     for mm in ("recall", "hr", "ndcg") for k in ks) + " |")
+        lines += ["", "![retrieval](retrieval.png)", ""]
+    else:
+        lines += ["Not measured: the indexer exported no retrieval gauges (no version published, or no held-out "
+                  "click in its window).", "", "![retrieval](retrieval.png)", ""]
     sc = s["scorer"]
     lines += ["## Scorer", ""]
     if sc["started"]:
@@ -761,6 +839,7 @@ def write_report(run_dir: Path) -> Path:
     plot_freshness(run, fresh, run.path / "freshness.png")
     plot_latency(run, run.path / "latency.png")
     plot_index_versions(run, run.path / "index_versions.png")
+    plot_retrieval(run, run.path / "retrieval.png")
     (run.path / "summary.json").write_text(json.dumps(s, indent=2, default=str))
     path = run.path / "report.md"
     path.write_text(_markdown(run, s))

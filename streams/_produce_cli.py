@@ -161,6 +161,9 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     rep.add_argument("--on-bad-line", default="raise", choices=("raise", "skip"),
                      help="a rating line that fails a check: 'raise' stops with the file and line (default); "
                           "'skip' leaves it out, counts it per reason and replays the rest")
+    rep.add_argument("--requests", action="store_true",
+                     help="also send a request (k=10) before each user's first rating at a timestamp, "
+                          "for a scorer to answer")
     rep.set_defaults(func=_replay)
 
 
@@ -213,7 +216,7 @@ def _replay(args: argparse.Namespace) -> int:
         raise ConfigError("replay needs --path DIR (an unzipped ml-100k, ml-1m or ratings.csv + movies.csv folder) "
                           "or --download NAME")
     ml = load_movielens(path, on_bad_line=args.on_bad_line)
-    events = iter_movielens_events(ml)
+    events = iter_movielens_events(ml, requests=args.requests)
     if args.events is not None:
         from itertools import islice
 

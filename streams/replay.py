@@ -529,13 +529,17 @@ def load_movielens(path: str | os.PathLike, *, on_bad_line: OnBadLine = "raise")
 
 
 def iter_movielens_events(path: str | os.PathLike | MovieLens, *, click_threshold: int = 4,
-                          on_bad_line: OnBadLine = "raise") -> Iterator[Event]:
+                          on_bad_line: OnBadLine = "raise", requests: bool = False,
+                          request_k: int = 10) -> Iterator[Event]:
     """Yield the ratings in ``path`` as impressions (and clicks), in timestamp order.
 
     ``path`` may also be an already loaded :class:`MovieLens` (``on_bad_line`` is then
     not used). The files are parsed (and checked, see :func:`load_movielens` for
     ``on_bad_line``) before the first event is yielded. Event ids carry the rating's
     0-based line index in the ratings file (``ml100k-<index>``, clicks ``-c``).
+    With ``requests``, a request event (``k=request_k``, event id ``<first rating>-r``)
+    comes before the first rating of each (user, timestamp): the user asking, then
+    rating what was shown, so a scorer has requests to answer during a replay.
     """
     _check_on_bad_line(on_bad_line)
     ml = path if isinstance(path, MovieLens) else load_movielens(path, on_bad_line=on_bad_line)
@@ -544,14 +548,21 @@ def iter_movielens_events(path: str | os.PathLike | MovieLens, *, click_threshol
     rows = order if ml.line_numbers is None else ml.line_numbers[order] - 1
     users, items = ml.users, ml.items
     return _events(prefix, rows.tolist(), ml.user_ids[order].tolist(), ml.item_ids[order].tolist(),
-                   ml.ratings[order].tolist(), ml.timestamps[order].tolist(), users, items, click_threshold)
+                   ml.ratings[order].tolist(), ml.timestamps[order].tolist(), users, items, click_threshold,
+                   request_k if requests else None)
 
 
-def _events(prefix, rows, user_ids, item_ids, ratings, timestamps, users, items, threshold) -> Iterator[Event]:
+def _events(prefix, rows, user_ids, item_ids, ratings, timestamps, users, items, threshold,
+            request_k: int | None = None) -> Iterator[Event]:
+    asked: set[str] = set()
     for row, u, i, r, ts in zip(rows, user_ids, item_ids, ratings, timestamps):
         uid, iid, t = str(u), str(i), float(ts)
         rid = f"{prefix}-{u}-{ts}"
         uf, itf = users[u], items[i]
+        if request_k is not None and rid not in asked:
+            asked.add(rid)
+            yield Event(kind="request", event_id=f"{prefix}-{row}-r", event_time=t, user_id=uid, request_id=rid,
+                        user_features=dict(uf), k=request_k)
         label = int(r >= threshold)
         yield Event(kind="impression", event_id=f"{prefix}-{row}", event_time=t, user_id=uid, request_id=rid,
                     user_features=dict(uf), item_id=iid, item_features=dict(itf), label=label, position=0)

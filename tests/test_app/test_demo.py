@@ -240,3 +240,55 @@ def test_bench_discovers_scripts_and_renders_each_output(tmp_path):
     assert "| CPU | Test CPU |" in md and "| torch | 9.9 |" in md and "2026-01-02" in md
     assert "rate 123 events/s" in md and "Traceback: boom" in md
     assert "| bench_b | 3 |" in md
+
+
+def _ml100k_slice(src: Path, dest: Path, n: int) -> tuple[int, int, int]:
+    """The ``n`` earliest ratings of ml-100k with its user and item files; returns
+    (impressions, clicks, requests) the replay should send, counted here from the lines."""
+    dest.mkdir()
+    for name in ("u.user", "u.item"):
+        (dest / name).write_bytes((src / name).read_bytes())
+    rows = [line.split("\t") for line in (src / "u.data").read_text().splitlines() if line.strip()]
+    rows.sort(key=lambda r: int(r[3]))
+    rows = rows[:n]
+    (dest / "u.data").write_text("".join("\t".join(r) + "\n" for r in rows))
+    clicks = sum(int(r[2]) >= 4 for r in rows)
+    requests = len({(r[0], r[3]) for r in rows})
+    return len(rows), clicks, requests
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_a_movielens_replay_runs_every_process_and_ends_committed_and_indexed(tmp_path, local_broker_config,
+                                                                            movielens_path):
+    from learners.checkpoint import load_checkpoint
+
+    impressions, clicks, requests = _ml100k_slice(movielens_path, tmp_path / "ml-slice", 4000)
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "app.cli", "demo", "--replay", str(tmp_path / "ml-slice"), "--duration", "120",
+         "--rate", "400", "--out", str(run)],
+        cwd=REPO, env=_demo_env(), capture_output=True, text=True, timeout=420,
+    )
+    assert proc.returncode == 0, f"demo failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["mode"] == "replay"
+    assert summary["stop_reason"].startswith("the stream ended")  # the replay, not the clock, ended the run
+    assert summary["produced_events"] == impressions + clicks + requests
+
+    # Every learner checkpointed offsets covering the whole events topic (impressions and clicks).
+    for learner in LEARNERS:
+        ck = load_checkpoint(run / "ckpt" / f"{learner}.ckpt")
+        events_topic = next(t for t in ck.offsets if t.endswith(".events"))
+        assert sum(ck.offsets[events_topic].values()) == impressions + clicks, learner
+    # An index version was published and the scorer answered requests.
+    versions = [json.loads(line) for line in (run / "index_versions.jsonl").read_text().splitlines()]
+    assert versions and (run / "index" / "CURRENT").exists()
+    assert summary["scorer"]["answered_ok"] > 0
+
+    text = (run / "report.md").read_text()
+    assert "## Retrieval" in text and "(retrieval.png)" in text
+    assert (run / "retrieval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for learner in LEARNERS:
+        assert summary["learners"][learner]["auc"] is not None and 0.0 <= summary["learners"][learner]["auc"] <= 1.0
+    _assert_nothing_left(run)
