@@ -34,6 +34,7 @@ Run directory::
     RUN/pids.json          pids and ports of the demo and every child
     RUN/timeseries.jsonl   one line per scrape: every towerstream_* sample per process
     RUN/truth.jsonl        simulator ground truth: drift points, new items' first impressions
+                           (a replay: each item's first rating, every item being new once)
     RUN/index_versions.jsonl, RUN/index_items.json   index versions seen, and the first
                            version holding each item
     RUN/ckpt/ RUN/index/ RUN/broker/ RUN/logs/   checkpoints, index store, broker data, child logs
@@ -399,7 +400,7 @@ class Demo:
                   "--duration", f"{cfg.duration_s:g}", "--no-create-topics", "--quiet"]
         if cfg.replay is not None:
             return self._base("produce", "replay", *common, "--path", str(cfg.replay), "--on-bad-line", "skip",
-                              "--requests")
+                              "--requests", "--truth-file", str(self.out / "truth.jsonl"))
         return self._base("produce", "simulate", *common, "--seed", str(cfg.seed),
                           "--drift-every", str(cfg.sim_drift_every), "--new-item-rate", f"{cfg.sim_new_item_rate:g}",
                           "--truth-file", str(self.out / "truth.jsonl"))

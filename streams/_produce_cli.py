@@ -164,6 +164,9 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     rep.add_argument("--requests", action="store_true",
                      help="also send a request (k=10) before each user's first rating at a timestamp, "
                           "for a scorer to answer")
+    rep.add_argument("--truth-file", type=Path, default=None, metavar="PATH",
+                     help="write each item's first impression (JSON lines with the wall-clock time it goes "
+                          "out): the demo's freshness ground truth")
     rep.set_defaults(func=_replay)
 
 
@@ -222,10 +225,27 @@ def _replay(args: argparse.Namespace) -> int:
 
         events = islice(events, args.events)
     try:
-        return _run(args, events)
+        if args.truth_file is None:
+            return _run(args, events)
+        with args.truth_file.open("w", buffering=1) as fh:
+            return _run(args, _first_impressions(events, fh))
     finally:
         if ml.skipped:
             _report_skipped(ml)
+
+
+def _first_impressions(events: Iterable[Event], fh) -> Iterator[Event]:
+    """Pass ``events`` through, writing each item's first impression to ``fh`` (a ``new_item``
+    line stamped with the wall-clock time it goes out): in a replay every item is new once."""
+    import json
+
+    seen: set[str] = set()
+    for event in events:
+        if event.kind == "impression" and event.item_id not in seen:
+            seen.add(event.item_id)
+            fh.write(json.dumps({"type": "new_item", "item_id": event.item_id, "wall_time": time.time(),
+                                 "event_time": event.event_time}) + "\n")
+        yield event
 
 
 def _report_skipped(ml) -> None:

@@ -286,6 +286,11 @@ def test_a_movielens_replay_runs_every_process_and_ends_committed_and_indexed(tm
     assert versions and (run / "index" / "CURRENT").exists()
     assert summary["scorer"]["answered_ok"] > 0
 
+    # Freshness: every item's first rating is ground truth; the distinct items are counted here.
+    distinct_items = len({line.split("\t")[1] for line in (tmp_path / "ml-slice" / "u.data").read_text().splitlines()})
+    assert summary["freshness"]["available"] and summary["freshness"]["new_items"] == distinct_items
+    assert summary["freshness"]["indexed"] > 0
+
     text = (run / "report.md").read_text()
     assert "## Retrieval" in text and "(retrieval.png)" in text
     assert (run / "retrieval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
