@@ -233,7 +233,8 @@ def retrieval(run: RunData) -> dict[str, Any]:
         labels = dict(part.split("=", 1) for part in key.split("{", 1)[1].rstrip("}").split(","))
         labels = {k: val.strip('"') for k, val in labels.items()}
         out.setdefault(labels["search"], {})[f"{labels['metric']}@{labels['k']}"] = v
-    return {"users": ix.get("towerstream_index_retrieval_users"), "metrics": out}
+    return {"users": ix.get("towerstream_index_retrieval_users"), "version": ix.get("towerstream_index_retrieval_version"),
+            "metrics": out}
 
 
 def versions_published(run: RunData) -> int:
@@ -760,7 +761,8 @@ def _markdown(run: RunData, s: dict[str, Any]) -> str:
     if rt.get("metrics"):
         ks = sorted({int(key.split("@")[1]) for m in rt["metrics"].values() for key in m})
         searches = [x for x in RETRIEVAL_SEARCHES if x in rt["metrics"]]
-        lines += [f"The last published version on the indexer's held-out clicks ({_n(rt['users'], ',.0f')} users "
+        lines += [f"Index version {_n(rt.get('version'), '.0f')} (the last one with held-out clicks to measure on) "
+                  f"on the indexer's held-out clicks ({_n(rt['users'], ',.0f')} users "
                   "with a click the checkpoint had not learned; each user's clicked items are its relevant set): "
                   "the served index, exact inner-product search over the same vectors, and the items most clicked "
                   "in what the checkpoint learned of the window.", "",

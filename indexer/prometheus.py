@@ -46,8 +46,9 @@ class IndexerStatsCollector(Collector):
     ``towerstream_index_items``, ``towerstream_index_recall_at_k{k}``,
     ``towerstream_index_quality_auc`` (held-out AUC of the frozen towers),
     ``towerstream_index_retrieval{metric="recall|hr|ndcg",k,search="served|flat|popularity"}``
-    and ``towerstream_index_retrieval_users`` (Recall/HR/NDCG@K of the latest published
-    version on the held-out clicks, :mod:`indexer.evaluation`; absent until measured).
+    ``towerstream_index_retrieval_users`` and ``towerstream_index_retrieval_version``
+    (Recall/HR/NDCG@K of the latest published version that had held-out clicks to be
+    measured on, :mod:`indexer.evaluation`, and that version; absent until measured).
     """
 
     def __init__(self, service: Any, *, recall_k: int | None = None,
@@ -99,8 +100,10 @@ class IndexerStatsCollector(Collector):
             "by search (served index, exact flat search, popularity).", labels=["metric", "k", "search"])
         retrieval_users = GaugeMetricFamily(f"{p}_index_retrieval_users",
                                             "Users with a held-out click that the retrieval gauges average.")
+        retrieval_version = GaugeMetricFamily(f"{p}_index_retrieval_version",
+                                              "Index version the retrieval gauges measured.")
         if s is not None:
-            self._retrieval(getattr(s, "retrieval", None), retrieval, retrieval_users)
+            self._retrieval(getattr(s, "retrieval", None), retrieval, retrieval_users, retrieval_version)
             n_builds = int(getattr(s, "builds_total", 0))
             builds.add_metric([], float(n_builds))
             refused.add_metric([], float(getattr(s, "refused_total", 0)))
@@ -129,13 +132,16 @@ class IndexerStatsCollector(Collector):
                 quality.add_metric([], q)
         yield from (builds, refused, failed, retrains)
         yield from self._build_seconds.collect()
-        yield from (version, age, items, recall, quality, retrieval, retrieval_users)
+        yield from (version, age, items, recall, quality, retrieval, retrieval_users, retrieval_version)
 
     @staticmethod
-    def _retrieval(report: Any, family: GaugeMetricFamily, users: GaugeMetricFamily) -> None:
+    def _retrieval(report: Any, family: GaugeMetricFamily, users: GaugeMetricFamily,
+                   measured: GaugeMetricFamily) -> None:
         if not isinstance(report, dict) or not report.get("users"):
             return
         users.add_metric([], float(report["users"]))
+        if report.get("version") is not None:
+            measured.add_metric([], version_number(report["version"]))
         for search, values in report.get("metrics", {}).items():
             for key, value in values.items():
                 metric, _, k = key.partition("@")

@@ -132,7 +132,7 @@ class IndexerMetrics:
     index_version: int | None = None
     index_items: int = 0
     last_publish_time: float | None = None
-    retrieval: Mapping[str, Any] | None = None  # RetrievalReport.as_dict() of the latest published version
+    retrieval: Mapping[str, Any] | None = None  # RetrievalReport.as_dict() of the latest version measured
 
     def index_age_seconds(self, now: float | None = None) -> float:
         """Seconds since the served version was published (NaN if none)."""
@@ -437,6 +437,10 @@ class IndexerService:
             report = self.retrieval(model.encoder, model.offsets, result.index, vectors, list(ids), xs, ys, version)
         except (TowerstreamError, RuntimeError, ValueError) as exc:  # a measurement never undoes a publish
             log.error("retrieval evaluation of version %d failed: %s", version, exc)
+            return
+        if not report.users:  # no held-out click (the learner caught up): the last measurement stands
+            log.info("version %d: no held-out click to measure retrieval on; keeping version %s's",
+                     version, (self.metrics.retrieval or {}).get("version"))
             return
         self.metrics.retrieval = report.as_dict()
 

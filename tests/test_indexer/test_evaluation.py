@@ -157,6 +157,28 @@ def test_service_measures_each_published_version_and_exports_gauges(tmp_path) ->
     assert samples[("recall", "50", "served")] == pytest.approx(m["served"]["recall@50"])
     assert samples[("ndcg", "10", "popularity")] == pytest.approx(m["popularity"]["ndcg@10"])
     assert families["towerstream_index_retrieval_users"].samples[0].value == n_clickers
+    assert families["towerstream_index_retrieval_version"].samples[0].value == outcome.version
+
+
+def test_a_version_without_held_out_clicks_keeps_the_last_measurement(tmp_path) -> None:
+    catalogue = Catalogue()
+    for r in catalogue_records(300):
+        catalogue.observe_record(r)
+    xs, ys = labelled_impressions(1000, n_items=300, seed=3, flip=0.0)
+    window = {"rows": (xs, ys)}
+    source = FakeCheckpointSource(FakeTwoTower())
+    service = IndexerService(
+        ArtifactStore(tmp_path), catalogue, source,
+        build_config=BuildConfig(flat_threshold=1000, recall_k=20, probe_queries=50),
+        held_out=lambda model: window["rows"], retrieval=RetrievalEvaluator(ks=(10,)),
+    )
+    first = service.build_once()
+    assert first.status == "published" and service.metrics.retrieval["version"] == first.version
+    window["rows"] = ([], np.zeros(0, dtype=np.int64))  # the learner caught up: nothing held out
+    source.bump(FakeTwoTower(noise=0.31))
+    second = service.build_once()
+    assert second.status == "published" and second.version != first.version
+    assert service.metrics.retrieval["version"] == first.version  # not replaced by an empty measurement
 
 
 def test_no_retrieval_gauges_before_a_measurement(tmp_path) -> None:
