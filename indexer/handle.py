@@ -61,11 +61,15 @@ class SearchResult:
         Inner products, shape (B, k) float32, best first; ``-inf`` where none.
     version
         The version of the handle that answered.
+    delta_seq
+        The item-log sequence applied on top of that version (0: the published base
+        alone; see :mod:`indexer.delta`).
     """
 
     ids: np.ndarray
     scores: np.ndarray
     version: int
+    delta_seq: int = 0
 
 
 @dataclass(frozen=True, eq=False)

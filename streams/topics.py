@@ -60,6 +60,11 @@ class Topics:
         """Announcements of published index versions (one partition, compacted)."""
         return self._name("index-control")
 
+    @property
+    def items(self) -> str:
+        """Item events (new, changed, retired items), keyed by item id: the index deltas."""
+        return self._name("items")
+
     def all(self) -> tuple[str, ...]:
         """Every topic name, for topic creation."""
         return (self.events, self.requests, self.rankings, self.dead_letter, self.index_control)

@@ -1,0 +1,228 @@
+"""Incremental index updates between full rebuilds: a small exact side index.
+
+Between rebuilds the indexer applies item events (:mod:`streams.items`) to the served
+version with the *same frozen item tower* that version was built with. The deltas live
+in a small exact side index merged at query time, not in the base FAISS index:
+
+* the base index stays exactly the published, checksummed artifact (an IVF index's
+  lists and tuned ``nprobe`` are untouched, and nothing in FAISS is mutated under
+  running queries);
+* new items are found by exact search, so their recall is 1 whatever the base kind;
+* a retired or changed item is hidden from the base answers by an id mask, and the
+  base is asked for ``k + len(hidden)`` so a mask never shortens an answer.
+
+The side index holds only the items changed since the base was built (hundreds to a
+few thousand), so the extra exact scan costs microseconds against the base search.
+
+Every applied batch gives a new immutable :class:`DeltaHandle` (build fully, swap one
+reference). ``(version, delta_seq)`` names exactly what is served: the published base
+plus the item log up to ``delta_seq``. A full rebuild or a rollback :meth:`DeltaLog.rebase`
+onto the new base and replays the log entries the base does not cover, so a retired
+item stays retired whatever base is served. A delta whose vector is not finite is
+refused (counted, logged), never served.
+
+>>> import faiss, numpy as np
+>>> from indexer.handle import IndexHandle
+>>> base = faiss.IndexFlatIP(2); base.add(np.eye(2, dtype="float32"))
+>>> h = IndexHandle(base, np.array(["a", "b"]), 1, {})
+>>> enc = lambda xs: np.array([[0.6, 0.8] for _ in xs], dtype="float32")
+>>> log_ = DeltaLog(enc)
+>>> from streams.items import ItemEvent
+>>> d = log_.apply(log_.rebase(h), [ItemEvent("upsert", "c", 0.0), ItemEvent("retire", "b", 0.0)])
+>>> r = d.search(np.array([[0.0, 1.0]], dtype="float32"), k=2)
+>>> r.ids.tolist(), r.version, r.delta_seq
+([['c', 'a']], 1, 2)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from indexer.catalogue import item_x
+from indexer.handle import IndexHandle, SearchResult
+from streams.items import ItemEvent
+
+__all__ = ["DeltaHandle", "DeltaLog", "ItemEncoder"]
+
+log = logging.getLogger(__name__)
+
+ItemEncoder = Callable[[Sequence[dict]], np.ndarray]
+"""``encode_items`` of the frozen model the base version was built with: (N,) xs -> (N, D)."""
+
+
+@dataclass(frozen=True, eq=False)
+class DeltaHandle:
+    """A published base version plus the item deltas applied to it since; immutable.
+
+    Attributes
+    ----------
+    base
+        The published :class:`IndexHandle`.
+    delta_seq
+        Sequence number of the last item event reflected (0: none).
+    side_ids, side_vecs
+        Items added or changed since the base, shape (M,) and (M, D), exact search.
+    hidden
+        Ids whose base vectors must not be served (retired or replaced by a side vector).
+    """
+
+    base: IndexHandle
+    delta_seq: int = 0
+    side_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype="<U1"))
+    side_vecs: np.ndarray | None = None
+    hidden: frozenset[str] = frozenset()
+    _hidden_arr: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype="<U1"))
+
+    @property
+    def version(self) -> int:
+        """The base version number."""
+        return self.base.version
+
+    @property
+    def size(self) -> int:
+        """Items served: base items not hidden plus side items."""
+        base_ids = self.base.ids
+        masked = int(np.isin(base_ids, self._hidden_arr).sum()) if len(self._hidden_arr) else 0
+        return self.base.size - masked + len(self.side_ids)
+
+    @property
+    def dim(self) -> int:
+        """Vector dimension D."""
+        return self.base.dim
+
+    def search(self, user_vecs: np.ndarray, k: int) -> SearchResult:
+        """Top-``k`` over base (minus hidden ids) and side items, best first."""
+        queries = np.ascontiguousarray(np.atleast_2d(user_vecs), dtype=np.float32)
+        if not self.hidden and not len(self.side_ids):
+            r = self.base.search(queries, k)
+            return SearchResult(ids=r.ids, scores=r.scores, version=r.version, delta_seq=self.delta_seq)
+        fetch = min(k + len(self.hidden), max(self.base.size, 1))
+        r = self.base.search(queries, fetch)
+        ids, scores = r.ids, r.scores
+        if len(self._hidden_arr):
+            drop = np.isin(ids, self._hidden_arr) | (ids == "")
+            scores = np.where(drop, -np.inf, scores).astype(np.float32)
+        if len(self.side_ids):
+            side_scores = queries @ self.side_vecs.T  # (B, M) exact
+            ids = np.concatenate([ids.astype(object), np.broadcast_to(self.side_ids.astype(object),
+                                                                      side_scores.shape)], axis=1)
+            scores = np.concatenate([scores, side_scores.astype(np.float32)], axis=1)
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        top_scores = np.take_along_axis(scores, order, axis=1)
+        top_ids = np.take_along_axis(np.asarray(ids, dtype=object), order, axis=1)
+        top_ids = np.where(np.isfinite(top_scores), top_ids, "").astype(str)
+        if top_ids.shape[1] < k:  # fewer items than k
+            pad = k - top_ids.shape[1]
+            top_ids = np.pad(top_ids, ((0, 0), (0, pad)), constant_values="")
+            top_scores = np.pad(top_scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+        return SearchResult(ids=top_ids, scores=top_scores.astype(np.float32), version=self.version,
+                            delta_seq=self.delta_seq)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    seq: int
+    event: ItemEvent
+
+
+class DeltaLog:
+    """The ordered item log and the function that applies it to a base version.
+
+    Parameters
+    ----------
+    encode_items
+        The frozen item tower of the served base version.
+    clock
+        Wall clock (seconds since the epoch) for the freshness samples.
+    on_fresh
+        Called with ``(item_id, seconds)`` from an upsert's event time to the moment its
+        delta handle was built (the first retrievable moment once swapped in).
+
+    Attributes
+    ----------
+    refused_total
+        Deltas refused because their vector was not finite.
+    freshness_s
+        Event time -> retrievable, one sample per applied upsert.
+    """
+
+    def __init__(self, encode_items: ItemEncoder, *, clock: Callable[[], float] = time.time,
+                 on_fresh: Callable[[str, float], None] | None = None) -> None:
+        self.encode_items = encode_items
+        self._clock = clock
+        self._on_fresh = on_fresh
+        self._entries: list[_Entry] = []
+        self.seq = 0
+        self.refused_total = 0
+        self.refusals: list[str] = []
+        self.freshness_s: list[float] = []
+
+    def rebase(self, base: IndexHandle, *, covered_seq: int | None = None) -> DeltaHandle:
+        """A handle over ``base`` with every logged event after ``covered_seq`` replayed.
+
+        A full rebuild passes the log sequence its catalogue cut covered (so nothing is
+        applied twice and nothing lost); a rollback passes the older version's value, or
+        None (replay the whole log: retirements hold on any base).
+        """
+        after = 0 if covered_seq is None else covered_seq
+        handle = DeltaHandle(base=base, delta_seq=max(after, 0))
+        todo = [e for e in self._entries if e.seq > after]
+        return self._build(handle, todo, record=False) if todo else handle
+
+    def apply(self, handle: DeltaHandle, events: Sequence[ItemEvent]) -> DeltaHandle:
+        """Log ``events`` and return a new handle with them applied; ``handle`` is untouched."""
+        entries = []
+        for event in events:
+            self.seq += 1
+            entries.append(_Entry(self.seq, event))
+        built = self._build(handle, entries, record=True)
+        return built
+
+    def _build(self, handle: DeltaHandle, entries: Sequence[_Entry], *, record: bool) -> DeltaHandle:
+        latest: dict[str, ItemEvent] = {}
+        for e in entries:
+            latest.pop(e.event.item_id, None)
+            latest[e.event.item_id] = e.event  # newest wins, order kept
+        upserts = [ev for ev in latest.values() if ev.op == "upsert"]
+        vecs = (np.asarray(self.encode_items([item_x(ev.item_id, ev.features) for ev in upserts]),
+                           dtype=np.float32) if upserts else np.zeros((0, handle.dim), dtype=np.float32))
+        finite = np.isfinite(vecs).all(axis=1) if len(vecs) else np.zeros(0, dtype=bool)
+        side = {sid: v for sid, v in zip(handle.side_ids.tolist(),
+                                         handle.side_vecs if handle.side_vecs is not None else [])}
+        hidden = set(handle.hidden)
+        now = self._clock()
+        fresh: list[tuple[str, float]] = []
+        for ev in latest.values():
+            if ev.op == "retire":
+                side.pop(ev.item_id, None)
+                hidden.add(ev.item_id)
+        for ev, v, ok in zip(upserts, vecs, finite):
+            if not ok:
+                reason = f"item {ev.item_id}: delta vector is not finite (NaN/inf); refused, not served"
+                if record:
+                    self.refused_total += 1
+                    self.refusals.append(reason)
+                    log.warning("delta refused: %s", reason)
+                continue
+            side[ev.item_id] = v
+            hidden.add(ev.item_id)  # a base vector of the same id is superseded
+            fresh.append((ev.item_id, now - ev.event_time))
+        side_ids = np.array(list(side), dtype=str) if side else np.zeros(0, dtype="<U1")
+        side_vecs = np.ascontiguousarray(np.stack(list(side.values())), dtype=np.float32) if side else None
+        if side_vecs is not None and side_vecs.shape[1] != handle.dim:
+            raise ValueError(f"delta vectors have dimension {side_vecs.shape[1]}, the index {handle.dim}")
+        seq = max([handle.delta_seq, *(e.seq for e in entries)])
+        out = DeltaHandle(base=handle.base, delta_seq=seq, side_ids=side_ids, side_vecs=side_vecs,
+                          hidden=frozenset(hidden), _hidden_arr=np.array(sorted(hidden), dtype=str))
+        if record:
+            self._entries.extend(entries)
+            for item_id, seconds in fresh:
+                self.freshness_s.append(seconds)
+                if self._on_fresh is not None:
+                    self._on_fresh(item_id, seconds)
+        return out
