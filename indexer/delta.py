@@ -142,6 +142,8 @@ class DeltaLog:
     on_fresh
         Called with ``(item_id, seconds)`` from an upsert's event time to the moment its
         delta handle was built (the first retrievable moment once swapped in).
+    on_refused
+        Called once for each refused delta (e.g. :meth:`FreshnessMetrics.refused`).
 
     Attributes
     ----------
@@ -152,10 +154,12 @@ class DeltaLog:
     """
 
     def __init__(self, encode_items: ItemEncoder, *, clock: Callable[[], float] = time.time,
-                 on_fresh: Callable[[str, float], None] | None = None) -> None:
+                 on_fresh: Callable[[str, float], None] | None = None,
+                 on_refused: Callable[[], None] | None = None) -> None:
         self.encode_items = encode_items
         self._clock = clock
         self._on_fresh = on_fresh
+        self._on_refused = on_refused
         self._entries: list[_Entry] = []
         self.seq = 0
         self.refused_total = 0
@@ -208,6 +212,8 @@ class DeltaLog:
                     self.refused_total += 1
                     self.refusals.append(reason)
                     log.warning("delta refused: %s", reason)
+                    if self._on_refused is not None:
+                        self._on_refused()
                 continue
             side[ev.item_id] = v
             hidden.add(ev.item_id)  # a base vector of the same id is superseded

@@ -186,3 +186,37 @@ def test_item_produced_after_live_version_is_served_through_kafka(kafka_bootstra
     assert r.ids[0, 0] == "late-item" and records[5]["item_id"] not in r.ids
     assert r.version == 1 and r.delta_seq == 2
     assert len(dl.freshness_s) == 1 and dl.freshness_s[0] >= 0
+
+
+def test_freshness_histogram_and_refusals_exported_and_alerted_on():
+    import pathlib
+
+    import yaml
+    from prometheus_client import CollectorRegistry
+
+    from indexer.freshness import FreshnessMetrics
+
+    reg = CollectorRegistry()
+    m = FreshnessMetrics(reg)
+
+    def encoder(xs):
+        v = TOWER.encode_items(xs)
+        v[[x["item_id"] == "nan" for x in xs]] = np.nan
+        return v
+
+    dl = DeltaLog(encoder, clock=lambda: 10.0, on_fresh=m.observe, on_refused=m.refused)
+    h = dl.apply(dl.rebase(_base(_records(100), 1)), [ItemEvent("upsert", "a", 9.0, {"topic": "t1"}),
+                                                       ItemEvent("upsert", "b", 7.0, {"topic": "t1"}),
+                                                       ItemEvent("upsert", "nan", 9.5, {"topic": "t1"})])
+    m.served(h.delta_seq)
+    name = "towerstream_item_freshness_seconds"
+    assert reg.get_sample_value(f"{name}_count") == 2.0
+    assert reg.get_sample_value(f"{name}_sum") == pytest.approx(1.0 + 3.0)
+    assert reg.get_sample_value(f"{name}_bucket", {"le": "2.0"}) == 1.0  # a at 1 s in, b at 3 s out
+    assert reg.get_sample_value("towerstream_index_delta_refused_total") == 1.0
+    assert reg.get_sample_value("towerstream_index_delta_seq") == 3.0
+    rules = yaml.safe_load((pathlib.Path(__file__).parents[2] / "deploy/prometheus/rules/freshness.yml").read_text())
+    exprs = " ".join(r["expr"] for g in rules["groups"] for r in g["rules"])
+    assert f"{name}_bucket" in exprs and "towerstream_index_delta_refused_total" in exprs
+    prom = yaml.safe_load((pathlib.Path(__file__).parents[2] / "deploy/prometheus/prometheus.yml").read_text())
+    assert "rules/*.yml" in prom["rule_files"]
