@@ -223,9 +223,7 @@ def retrieval_key(metric: str, k: int, search: str) -> str:
     return sample_key("towerstream_index_retrieval", {"metric": metric, "k": str(k), "search": search})
 
 
-def retrieval(run: RunData) -> dict[str, Any]:
-    """The indexer's last retrieval gauges: ``{search: {"recall@K": v, ...}}`` and the users averaged."""
-    ix = run.final("indexer")
+def _retrieval_gauges(ix: dict[str, float]) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     for key, v in ix.items():
         if not key.startswith("towerstream_index_retrieval{"):
@@ -233,8 +231,30 @@ def retrieval(run: RunData) -> dict[str, Any]:
         labels = dict(part.split("=", 1) for part in key.split("{", 1)[1].rstrip("}").split(","))
         labels = {k: val.strip('"') for k, val in labels.items()}
         out.setdefault(labels["search"], {})[f"{labels['metric']}@{labels['k']}"] = v
+    return out
+
+
+def retrieval(run: RunData) -> dict[str, Any]:
+    """The indexer's retrieval gauges: the last measured version (``metrics``: ``{search:
+    {"recall@K": v}}``, its ``users`` and ``version``) and, in ``over_run``, the mean over every
+    measured version weighted by its users (each version counted once, at its last scrape)."""
+    ix = run.final("indexer")
+    per_version: dict[float, tuple[float, dict[str, dict[str, float]]]] = {}
+    for sample in run.samples:
+        m = sample.get("metrics", {}).get("indexer") or {}
+        v, users = m.get("towerstream_index_retrieval_version"), m.get("towerstream_index_retrieval_users")
+        if v is not None and users:
+            per_version[v] = (users, _retrieval_gauges(m))
+    total = sum(u for u, _ in per_version.values())
+    over: dict[str, dict[str, float]] = {}
+    for users, gauges in per_version.values():
+        for search, values in gauges.items():
+            for key, val in values.items():
+                over.setdefault(search, {}).setdefault(key, 0.0)
+                over[search][key] += users * val / total
     return {"users": ix.get("towerstream_index_retrieval_users"), "version": ix.get("towerstream_index_retrieval_version"),
-            "metrics": out}
+            "metrics": _retrieval_gauges(ix),
+            "over_run": {"versions": len(per_version), "users": total, "metrics": over}}
 
 
 def versions_published(run: RunData) -> int:
@@ -772,6 +792,16 @@ def _markdown(run: RunData, s: dict[str, Any]) -> str:
             m = rt["metrics"][search]
             lines.append(f"| {search} | " + " | ".join(_n(m.get(f"{mm}@{k}"), ".3f")
                                                      for mm in ("recall", "hr", "ndcg") for k in ks) + " |")
+        over = rt.get("over_run") or {}
+        if over.get("versions", 0) > 1:
+            lines += ["", f"Over the run: the mean of the {over['versions']} measured versions, each weighted by its "
+                      f"users ({_n(over['users'], ',.0f')} user-versions in all):", "",
+                      "| search | " + " | ".join(f"{m}@{k}" for m in ("recall", "hr", "ndcg") for k in ks) + " |",
+                      "|---|" + "---:|" * (3 * len(ks))]
+            for search in searches:
+                m = over["metrics"].get(search, {})
+                lines.append(f"| {search} | " + " | ".join(_n(m.get(f"{mm}@{k}"), ".3f")
+                                                         for mm in ("recall", "hr", "ndcg") for k in ks) + " |")
         lines += ["", "![retrieval](retrieval.png)", ""]
     else:
         lines += ["Not measured: the indexer exported no retrieval gauges (no version published, or no held-out "
