@@ -77,6 +77,7 @@ class DeltaHandle:
     side_vecs: np.ndarray | None = None
     hidden: frozenset[str] = frozenset()
     _hidden_arr: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype="<U1"))
+    _hidden_labels: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @property
     def version(self) -> int:
@@ -86,9 +87,7 @@ class DeltaHandle:
     @property
     def size(self) -> int:
         """Items served: base items not hidden plus side items."""
-        base_ids = self.base.ids
-        masked = int(np.isin(base_ids, self._hidden_arr).sum()) if len(self._hidden_arr) else 0
-        return self.base.size - masked + len(self.side_ids)
+        return self.base.size - len(self._hidden_labels) + len(self.side_ids)
 
     @property
     def dim(self) -> int:
@@ -101,23 +100,35 @@ class DeltaHandle:
         if not self.hidden and not len(self.side_ids):
             r = self.base.search(queries, k)
             return SearchResult(ids=r.ids, scores=r.scores, version=r.version, delta_seq=self.delta_seq)
-        fetch = min(k + len(self.hidden), max(self.base.size, 1))
-        r = self.base.search(queries, fetch)
-        ids, scores = r.ids, r.scores
-        if len(self._hidden_arr):
-            drop = np.isin(ids, self._hidden_arr) | (ids == "")
-            scores = np.where(drop, -np.inf, scores).astype(np.float32)
+        if queries.shape[1] != self.dim:
+            raise ValueError(f"user vectors have dimension {queries.shape[1]}, the index {self.dim}")
+        fetch = min(k + len(self._hidden_labels), max(self.base.size, 1))
+        scores, labels = self.base.index.search(queries, fetch)
+        drop = labels < 0
+        if len(self._hidden_labels):
+            drop |= np.isin(labels, self._hidden_labels)  # int labels: cheap
+        scores = np.where(drop, -np.inf, scores).astype(np.float32)
         if len(self.side_ids):
-            side_scores = queries @ self.side_vecs.T  # (B, M) exact
-            ids = np.concatenate([ids.astype(object), np.broadcast_to(self.side_ids.astype(object),
-                                                                      side_scores.shape)], axis=1)
-            scores = np.concatenate([scores, side_scores.astype(np.float32)], axis=1)
-        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+            scores = np.concatenate([scores, queries @ self.side_vecs.T], axis=1)  # side: exact
+        k_eff = min(k, scores.shape[1])
+        part = np.argpartition(-scores, k_eff - 1, axis=1)[:, :k_eff]
+        order = np.take_along_axis(part, np.argsort(-np.take_along_axis(scores, part, axis=1), axis=1,
+                                                    kind="stable"), axis=1)
         top_scores = np.take_along_axis(scores, order, axis=1)
-        top_ids = np.take_along_axis(np.asarray(ids, dtype=object), order, axis=1)
-        top_ids = np.where(np.isfinite(top_scores), top_ids, "").astype(str)
-        if top_ids.shape[1] < k:  # fewer items than k
-            pad = k - top_ids.shape[1]
+        from_base = order < fetch
+        base_lab = np.take_along_axis(labels, np.minimum(order, fetch - 1), axis=1)
+        base_ids = self.base.ids[np.where(from_base, np.maximum(base_lab, 0), 0)] if self.base.size else None
+        side_pos = np.clip(order - fetch, 0, max(len(self.side_ids) - 1, 0))
+        side_ids = self.side_ids[side_pos] if len(self.side_ids) else None
+        if base_ids is None:
+            top_ids = side_ids
+        elif side_ids is None:
+            top_ids = base_ids
+        else:
+            top_ids = np.where(from_base, base_ids, side_ids)
+        top_ids = np.where(np.isfinite(top_scores), top_ids, "")
+        if k_eff < k:  # fewer candidates than k
+            pad = k - k_eff
             top_ids = np.pad(top_ids, ((0, 0), (0, pad)), constant_values="")
             top_scores = np.pad(top_scores, ((0, 0), (0, pad)), constant_values=-np.inf)
         return SearchResult(ids=top_ids, scores=top_scores.astype(np.float32), version=self.version,
@@ -223,8 +234,11 @@ class DeltaLog:
         if side_vecs is not None and side_vecs.shape[1] != handle.dim:
             raise ValueError(f"delta vectors have dimension {side_vecs.shape[1]}, the index {handle.dim}")
         seq = max([handle.delta_seq, *(e.seq for e in entries)])
+        hidden_arr = np.array(sorted(hidden), dtype=str)
+        labels = (np.flatnonzero(np.isin(handle.base.ids, hidden_arr)).astype(np.int64) if len(hidden_arr)
+                  else np.zeros(0, dtype=np.int64))
         out = DeltaHandle(base=handle.base, delta_seq=seq, side_ids=side_ids, side_vecs=side_vecs,
-                          hidden=frozenset(hidden), _hidden_arr=np.array(sorted(hidden), dtype=str))
+                          hidden=frozenset(hidden), _hidden_arr=hidden_arr, _hidden_labels=labels)
         if record:
             self._entries.extend(entries)
             for item_id, seconds in fresh:
