@@ -176,6 +176,7 @@ class DeltaLog:
         self.refused_total = 0
         self.refusals: list[str] = []
         self.freshness_s: list[float] = []
+        self._recorded_seq = 0  # events up to here had their freshness / refusal recorded
 
     def rebase(self, base: IndexHandle, *, covered_seq: int | None = None) -> DeltaHandle:
         """A handle over ``base`` with every logged event after ``covered_seq`` replayed.
@@ -187,22 +188,35 @@ class DeltaLog:
         after = 0 if covered_seq is None else covered_seq
         handle = DeltaHandle(base=base, delta_seq=max(after, 0))
         todo = [e for e in self._entries if e.seq > after]
-        return self._build(handle, todo, record=False) if todo else handle
+        return self._build(handle, todo, record=True) if todo else handle
+
+    def append(self, events: Sequence[ItemEvent]) -> int:
+        """Log ``events`` (numbered in order); returns the last sequence number."""
+        for event in events:
+            self.seq += 1
+            self._entries.append(_Entry(self.seq, event))
+        return self.seq
+
+    def catch_up(self, handle: DeltaHandle) -> DeltaHandle:
+        """A new handle with every logged event after ``handle.delta_seq`` applied.
+
+        Freshness samples and refusals are recorded once per event, however many
+        handles it is built into.
+        """
+        todo = [e for e in self._entries if e.seq > handle.delta_seq]
+        return self._build(handle, todo, record=True) if todo else handle
 
     def apply(self, handle: DeltaHandle, events: Sequence[ItemEvent]) -> DeltaHandle:
         """Log ``events`` and return a new handle with them applied; ``handle`` is untouched."""
-        entries = []
-        for event in events:
-            self.seq += 1
-            entries.append(_Entry(self.seq, event))
-        built = self._build(handle, entries, record=True)
-        return built
+        self.append(events)
+        return self.catch_up(handle)
 
     def _build(self, handle: DeltaHandle, entries: Sequence[_Entry], *, record: bool) -> DeltaHandle:
         latest: dict[str, ItemEvent] = {}
         for e in entries:
             latest.pop(e.event.item_id, None)
             latest[e.event.item_id] = e.event  # newest wins, order kept
+        seq_of = {e.event.item_id: e.seq for e in entries}
         upserts = [ev for ev in latest.values() if ev.op == "upsert"]
         vecs = (np.asarray(self.encode_items([item_x(ev.item_id, ev.features) for ev in upserts]),
                            dtype=np.float32) if upserts else np.zeros((0, handle.dim), dtype=np.float32))
@@ -217,9 +231,10 @@ class DeltaLog:
                 side.pop(ev.item_id, None)
                 hidden.add(ev.item_id)
         for ev, v, ok in zip(upserts, vecs, finite):
+            first = record and seq_of[ev.item_id] > self._recorded_seq
             if not ok:
                 reason = f"item {ev.item_id}: delta vector is not finite (NaN/inf); refused, not served"
-                if record:
+                if first:
                     self.refused_total += 1
                     self.refusals.append(reason)
                     log.warning("delta refused: %s", reason)
@@ -228,7 +243,8 @@ class DeltaLog:
                 continue
             side[ev.item_id] = v
             hidden.add(ev.item_id)  # a base vector of the same id is superseded
-            fresh.append((ev.item_id, now - ev.event_time))
+            if first:
+                fresh.append((ev.item_id, now - ev.event_time))
         side_ids = np.array(list(side), dtype=str) if side else np.zeros(0, dtype="<U1")
         side_vecs = np.ascontiguousarray(np.stack(list(side.values())), dtype=np.float32) if side else None
         if side_vecs is not None and side_vecs.shape[1] != handle.dim:
@@ -240,7 +256,7 @@ class DeltaLog:
         out = DeltaHandle(base=handle.base, delta_seq=seq, side_ids=side_ids, side_vecs=side_vecs,
                           hidden=frozenset(hidden), _hidden_arr=hidden_arr, _hidden_labels=labels)
         if record:
-            self._entries.extend(entries)
+            self._recorded_seq = max(self._recorded_seq, seq)
             for item_id, seconds in fresh:
                 self.freshness_s.append(seconds)
                 if self._on_fresh is not None:

@@ -226,6 +226,21 @@ class IndexHolder:
             self.reap()
         return old
 
+    def swap_if(self, expected: object, handle: object) -> bool:
+        """Swap in ``handle`` only if ``expected`` is still served (compare-and-swap).
+
+        For the item-delta follower: a delta built on the served handle must not replace
+        a version the watcher swapped in meanwhile. The replaced handle is retired.
+        """
+        with self._swap_lock:
+            if self._handle is not expected:
+                return False
+            if self._handle is not None:
+                self._retired.append(self._handle)
+            self._handle = handle
+            self.swaps += 1
+        return True
+
     def reap(self) -> int:
         """Free the retired handles no one references any more; returns how many.
 

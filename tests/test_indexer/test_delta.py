@@ -220,3 +220,55 @@ def test_freshness_histogram_and_refusals_exported_and_alerted_on():
     assert f"{name}_bucket" in exprs and "towerstream_index_delta_refused_total" in exprs
     prom = yaml.safe_load((pathlib.Path(__file__).parents[2] / "deploy/prometheus/prometheus.yml").read_text())
     assert "rules/*.yml" in prom["rule_files"]
+
+
+@pytest.mark.kafka
+def test_follower_applies_items_from_kafka_dead_letters_bad_ones_and_survives_a_rebuild(kafka_bootstrap):
+    from indexer.item_follow import ItemDeltaFollower
+    from streams.deadletter import DeadLetterWriter, decode_dead_letter
+
+    settings = KafkaSettings(kafka_bootstrap)
+    topics = Topics(prefix=f"test-follow-{uuid.uuid4().hex[:8]}")
+    ensure_topics(settings, {topics.items: 1, topics.dead_letter: 1})
+    records = _records(400)
+    holder = IndexHolder(_base(records, 1))  # a plain published handle, as the watcher serves it
+    dl = DeltaLog(TOWER.encode_items)
+    producer = make_producer(settings)
+    follower = ItemDeltaFollower(holder, dl, DeadLetterWriter(producer, topics.dead_letter, "scorer"))
+    for ev in (ItemEvent("upsert", "kafka-new", time.time(), {"topic": "t3"}),
+               ItemEvent("retire", records[9]["item_id"], time.time())):
+        producer.send(topics.items, encode_item_event(ev), key=key_for_item(ev.item_id))
+    producer.send(topics.items, b'{"op": "upsert"}', key=b"bad")
+    producer.flush()
+    consumer = make_consumer(settings, None)
+    consumer.assign([TopicPartition(topics.items, 0)])
+    deadline = time.monotonic() + 60
+    try:
+        while follower.applied < 2 and time.monotonic() < deadline:
+            follower.poll_once(consumer, timeout_s=1.0)
+    finally:
+        consumer.close()
+    q = np.concatenate([_aimed_at("kafka-new", {"topic": "t3"}), _aimed_at(records[9]["item_id"],
+                                                                            records[9]["features"])])
+    r = holder.search(q, 10)
+    assert r.ids[0, 0] == "kafka-new" and records[9]["item_id"] not in r.ids and r.delta_seq == 2
+    assert follower.dead_letters.counts["invalid_item_event"] == 1 and len(dl.freshness_s) == 1
+    # the watcher swaps in a rebuild that still has the retired item: the next poll replays the log on it
+    holder.swap(_base(records, 2), reap=False)
+    follower.handle_records([])
+    r = holder.search(q, 10)
+    assert r.version == 2 and r.ids[0, 0] == "kafka-new" and records[9]["item_id"] not in r.ids
+    assert len(dl.freshness_s) == 1  # replay does not count an item fresh twice
+    dead = make_consumer(settings, None)
+    dead.assign([TopicPartition(topics.dead_letter, 0)])
+    got = []
+    deadline = time.monotonic() + 30
+    try:
+        while not got and time.monotonic() < deadline:
+            got = dead.poll(timeout_s=1.0)
+    finally:
+        dead.close()
+        producer.close()
+    letter = decode_dead_letter(got[0].value)
+    assert letter.reason == "invalid_item_event" and letter.original_value == b'{"op": "upsert"}'
+    assert "item_id" in letter.message or "event_time" in letter.message or "op" in letter.message
