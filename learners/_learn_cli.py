@@ -63,6 +63,10 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
                    help="keep Python's default garbage-collector thresholds (see streams.consumer.tune_gc)")
     p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
                    help="serve Prometheus /metrics, /healthz and /readyz on this port (0: any free port)")
+    p.add_argument("--world-size", type=int, default=1, metavar="N",
+                   help="train one model with N ranks launched by torchrun (see learners.distributed)")
+    p.add_argument("--group-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="with --world-size: how long a rank waits for the group or a step (default 60)")
     p.set_defaults(func=_run)
 
 
@@ -124,6 +128,8 @@ def _run(args: argparse.Namespace) -> int:
     if not args.no_create_topics:
         ensure_topics(settings, {topics.events: DEFAULT_PARTITIONS, topics.dead_letter: DEFAULT_PARTITIONS})
 
+    if args.world_size != 1:
+        return _run_distributed(args, settings, learner, group, topics)
     progress = None if args.quiet else _Progress(sys.stderr)
     runtime = StreamLearnerRuntime(
         settings, learner, group, topics, args.checkpoint,
@@ -159,6 +165,32 @@ def _run(args: argparse.Namespace) -> int:
     if progress is not None:
         progress.done()
     _summary(stats, topics, args.checkpoint)
+    return 0
+
+
+def _run_distributed(args: argparse.Namespace, settings: Any, learner: Any, group: str, topics: Any) -> int:
+    """One rank of ``--world-size N`` (torchrun starts N of these)."""
+    import torch.distributed as dist
+
+    from learners.distributed import DistributedLearnerRuntime, init_group
+
+    if args.world_size < 1:
+        raise ConfigError(f"--world-size must be >= 1, got {args.world_size}")
+    if args.metrics_port is not None:
+        raise ConfigError("--metrics-port is not served by --world-size ranks yet: leave it out")
+    rank, world = init_group(args.world_size, timeout_s=args.group_timeout)
+    try:
+        runtime = DistributedLearnerRuntime(
+            settings, learner, group, topics, args.checkpoint, batch_size=args.batch_size,
+            checkpoint_every_n=args.checkpoint_every_n, checkpoint_every_s=args.checkpoint_every,
+            max_events=args.max_events, idle_timeout_s=args.idle_timeout)
+        runtime.install_signal_handlers()
+        stats = runtime.run()
+        print(f"rank {rank}/{world}: {stats.events_learned_run:,} events learned by the group this run, "
+              f"{stats.events_learned:,} in all, {runtime._steps:,} steps, model {runtime.digest()[:16]}, "
+              f"all-reduce {runtime.bytes_per_step:,} bytes/step, {runtime.comm_s:.2f} s in sync")
+    finally:
+        dist.destroy_process_group()
     return 0
 
 

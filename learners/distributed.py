@@ -1,0 +1,395 @@
+"""One model learned by N processes: torch.distributed ranks over static partitions.
+
+``torchrun --nproc-per-node N -m app.cli learn --world-size N ...`` starts N ranks of one
+learner. They form one process group (gloo on CPU; nccl is not used: the learners synced
+here keep numpy state), and:
+
+* **static assignment** -- rank ``r`` of ``N`` owns partitions ``p`` with ``p % N == r``
+  (:func:`assign_partitions`), read with ``assign()``, no consumer-group rebalancing;
+  fewer partitions than ranks is a :class:`~streams.errors.ConfigError`;
+* **one model, synchronous steps** -- every rank starts from rank 0's state; each step a
+  rank predicts then learns its own micro-batch, then one all-reduce sums every rank's
+  change of the learner's ``sync_arrays()`` and each rank applies the sum, so all ranks
+  hold bitwise the same model after every step. For SGD logistic regression without L2
+  this *is* one SGD step on the union of the ranks' batches (gradients add); for FTRL the
+  accumulators ``z`` and ``n`` add the same way;
+* **one coherent checkpoint** -- at a checkpoint step (agreed through the same
+  all-reduce) the ranks gather their offsets, rank 0 writes one ordinary checkpoint with
+  the model and every partition's next offset (atomic, fsync'ed), all ranks pass a
+  barrier, and only then each rank commits its partitions' offsets to the group;
+* **faults** -- a rank that dies breaks the next collective of the others (gloo reports
+  the closed connection; ``timeout_s`` bounds any wait), they exit non-zero, and torchrun
+  (``--max-restarts``) restarts the group, which resumes from the last checkpoint: rank 0
+  reads it and broadcasts model and offsets, every rank seeks its partitions there.
+
+Deterministic steps. A step takes at most ``per_partition`` events from each owned
+partition, in offset order, and waits (polling) until each partition has that many or the
+poll comes back empty. On a stream already in the topic, the steps -- and so the model --
+are the same whatever the restarts; on a live stream they follow arrival.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import logging
+import os
+import signal
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from learners.base import event_to_x
+from learners.checkpoint import flat_offsets, load_checkpoint, nest_offsets, save_checkpoint
+from learners.evaluate import prequential_step
+from learners.runtime import RuntimeStats, metrics_summary
+from streams.consumer import EventConsumer
+from streams.deadletter import DeadLetterWriter
+from streams.errors import ConfigError, StreamsError
+from streams.topics import Topics
+from streams.transport import KafkaSettings, TopicPartition, make_consumer, make_producer
+
+__all__ = ["GroupError", "assign_partitions", "init_group", "model_digest", "DistributedLearnerRuntime"]
+
+log = logging.getLogger(__name__)
+
+_CONTROL = 4  # learned, stop requested, idle, checkpoint due
+
+
+class GroupError(StreamsError):
+    """The process group could not be formed (a rank did not come within the timeout)."""
+
+
+def assign_partitions(partitions: Sequence[int], rank: int, world_size: int) -> list[int]:
+    """The partitions rank ``rank`` of ``world_size`` owns: sorted, every ``world_size``-th.
+
+    >>> assign_partitions(range(6), 1, 4)
+    [1, 5]
+    """
+    parts = sorted(int(p) for p in partitions)
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ConfigError(f"rank {rank} of world size {world_size}: need 0 <= rank < world size")
+    if len(parts) < world_size:
+        raise ConfigError(
+            f"the topic has {len(parts)} partitions but {world_size} ranks were started: every rank needs a "
+            f"partition of its own; run at most {len(parts)} ranks or add partitions to the topic"
+        )
+    return parts[rank::world_size]
+
+
+def init_group(world_size: int, timeout_s: float = 60.0) -> tuple[int, int]:
+    """Join the process group torchrun describes (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``,
+    ``MASTER_PORT``); returns ``(rank, world_size)``.
+
+    Raises :class:`~streams.errors.ConfigError` when not launched as ``world_size`` ranks,
+    :class:`GroupError` when the group is not complete within ``timeout_s``.
+    """
+    env_world = os.environ.get("WORLD_SIZE")
+    if env_world is None or "RANK" not in os.environ:
+        raise ConfigError(
+            f"--world-size {world_size} needs a launcher: run `torchrun --nproc-per-node {world_size} -m app.cli "
+            "learn --world-size ...` (or set RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT)"
+        )
+    if int(env_world) != world_size:
+        raise ConfigError(f"--world-size {world_size} but the launcher started {env_world} ranks: make them agree")
+    where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    if not dist.is_initialized():
+        try:
+            dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        except (RuntimeError, ValueError, OSError) as exc:  # DistStoreError is a RuntimeError
+            raise GroupError(
+                f"rank {os.environ['RANK']} of {world_size} could not form the group at {where} within "
+                f"{timeout_s:g} s ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}): "
+                "check that every rank was started and that MASTER_ADDR:MASTER_PORT is reachable"
+            ) from None
+    return dist.get_rank(), dist.get_world_size()
+
+
+def model_digest(arrays: Sequence[np.ndarray]) -> str:
+    """SHA-256 over the bytes of ``arrays`` (ranks compare models with it)."""
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def _check_learner(learner: Any) -> None:
+    if not callable(getattr(learner, "sync_arrays", None)):
+        raise ConfigError(
+            f"learner {learner.spec['name']!r} has no sync_arrays() hook, so its ranks cannot share one model: "
+            "use --learner lr with --world-size, or run it as one process"
+        )
+
+
+class DistributedLearnerRuntime:
+    """One rank of a learner trained by ``world_size`` processes (see the module doc).
+
+    Parameters mirror :class:`learners.runtime.StreamLearnerRuntime`; ``max_events`` and
+    ``checkpoint_every_n`` count events of all ranks together, ``per_partition`` is the
+    most events a step takes from one partition (default ``batch_size`` split over the
+    rank's partitions).
+    """
+
+    def __init__(self, settings: KafkaSettings, learner: Any, group_id: str, topics: Topics = Topics(),
+                 checkpoint_path: str | Path | None = None, *, batch_size: int = 1000,
+                 per_partition: int | None = None, checkpoint_every_n: int | None = None,
+                 checkpoint_every_s: float | None = 30.0, max_events: int | None = None,
+                 idle_timeout_s: float | None = None, poll_timeout_s: float = 0.5, metrics: Any = None,
+                 clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time) -> None:
+        if not dist.is_initialized():
+            raise ConfigError("DistributedLearnerRuntime needs the process group: call init_group first")
+        _check_learner(learner)
+        if batch_size < 1:
+            raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+        self.settings, self.learner, self.group_id, self.topics = settings, learner, group_id, topics
+        self.checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.batch_size, self.per_partition = batch_size, per_partition
+        self.checkpoint_every_n, self.checkpoint_every_s = checkpoint_every_n, checkpoint_every_s
+        self.max_events, self.idle_timeout_s, self.poll_timeout_s = max_events, idle_timeout_s, poll_timeout_s
+        if metrics is None:
+            from learners.metrics import PrequentialMetrics
+
+            metrics = PrequentialMetrics()
+        self.metrics, self.clock, self.wall_clock = metrics, clock, wall_clock
+        self._stop = threading.Event()
+        self._offsets: dict[TopicPartition, int] = {}
+        self._events_learned = self._learned_run = self._learned_at_checkpoint = 0
+        self._checkpoints = self._steps = 0
+        self._records = self._skipped = self._dead = 0
+        self.comm_s = 0.0  # seconds in the per-step all-reduce (and its copies)
+        self.bytes_per_step = 0  # payload of one step's all-reduce, per rank
+        self.resumed = False
+        self._resume()
+
+    # ------------------------------------------------------------------ state
+
+    def _resume(self) -> None:
+        """Rank 0 reads the checkpoint (if any) and broadcasts it; every rank starts from it."""
+        payload: list[Any] = [None]
+        if self.rank == 0:
+            if self.checkpoint_path is not None and self.checkpoint_path.exists():
+                ck = load_checkpoint(self.checkpoint_path)
+                want = {"name": self.learner.spec["name"], "params": dict(self.learner.spec.get("params", {}))}
+                if {"name": ck.spec["name"], "params": dict(ck.spec.get("params", {}))} != want:
+                    raise ConfigError(f"checkpoint {self.checkpoint_path} holds learner {ck.spec}, not {want}: use "
+                                      "the same learner and params, or another checkpoint path")
+                payload = [(ck.state, ck.offsets, ck.events_learned)]
+            else:
+                payload = [(self.learner.state_dict(), {}, 0)]
+        dist.broadcast_object_list(payload, src=0)
+        state, offsets, learned = payload[0]
+        self.learner.load_state_dict(state)
+        self._offsets = {TopicPartition(t, p): o for (t, p), o in flat_offsets(offsets).items()}
+        self._events_learned = self._learned_at_checkpoint = int(learned)
+        self.resumed = bool(offsets)
+        if self.resumed:
+            log.info("rank %d resumed: %d events learned, offsets %s", self.rank, learned, offsets)
+
+    def _arrays(self) -> list[np.ndarray]:
+        return list(self.learner.sync_arrays())
+
+    def _sync(self, before: list[np.ndarray], n_before: int, control: list[float]) -> np.ndarray:
+        """All-reduce (sum) every rank's change of the synced arrays and the control
+        counters in one call; apply the summed change. Returns the summed control."""
+        t0 = time.perf_counter()
+        arrays = self._arrays()
+        parts = [a - b for a, b in zip(arrays, before)]
+        flat = np.concatenate([p.ravel() for p in parts] + [np.asarray(control, dtype=np.float64)])
+        tensor = torch.from_numpy(flat)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        i = 0
+        for a, b in zip(arrays, before):
+            np.add(b, flat[i:i + a.size].reshape(a.shape), out=a)
+            i += a.size
+        total = flat[i:].copy()
+        if hasattr(self.learner, "n_learned"):
+            self.learner.n_learned = n_before + int(total[0])
+        after = getattr(self.learner, "after_sync", None)
+        if callable(after):
+            after()
+        self.bytes_per_step = flat.nbytes
+        self.comm_s += time.perf_counter() - t0
+        return total
+
+    def digest(self) -> str:
+        """:func:`model_digest` of this rank's synced arrays."""
+        return model_digest(self._arrays())
+
+    def group_metrics(self) -> dict[str, Any]:
+        """Cumulative prequential metrics of all ranks together (a collective: every rank
+        calls it). The AUC histograms, counts and loss sums of
+        :class:`~learners.metrics.PrequentialMetrics` add up across ranks; other metrics
+        objects report this rank's own summary."""
+        m = self.metrics
+        if not hasattr(m, "_pos_hist"):
+            return metrics_summary(m)
+        from learners.metrics import PrequentialMetrics
+
+        flat = torch.from_numpy(np.concatenate([m._pos_hist, m._neg_hist]).astype(np.float64))
+        scalars = torch.tensor([m.n, m.clicks, m._loss_sum], dtype=torch.float64)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        dist.all_reduce(scalars, op=dist.ReduceOp.SUM)
+        merged = PrequentialMetrics(auc_bins=m.auc_bins, auc_logit_range=m.auc_logit_range)
+        h = flat.numpy().astype(np.int64)
+        merged._pos_hist, merged._neg_hist = h[:m.auc_bins], h[m.auc_bins:]
+        n, clicks, loss = scalars.tolist()
+        auc, err = merged._binned_auc()
+        return {"n": int(n), "clicks": int(clicks), "auc": None if auc != auc else auc, "auc_max_error": err,
+                "logloss": loss / n if n else None}
+
+    # ------------------------------------------------------------------ checkpoint
+
+    def _checkpoint(self, ec: EventConsumer, why: str) -> None:
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, ({tuple(k): v for k, v in self._offsets.items()}, self.digest()))
+        offsets: dict[tuple[str, int], int] = {}
+        for part, _ in gathered:
+            offsets.update(part)
+        digests = [d for _, d in gathered]
+        group_metrics = self.group_metrics()
+        if self.checkpoint_path is not None and self.rank == 0:
+            save_checkpoint(
+                self.checkpoint_path, self.learner, nest_offsets(offsets), self._events_learned,
+                extra={"group_id": self.group_id, "world_size": self.world_size, "rank_digests": digests,
+                       "metrics": group_metrics, "reason": why}, clock=self.wall_clock)
+        dist.barrier()  # the checkpoint is durable before any rank commits
+        self._checkpoints += 1
+        self._learned_at_checkpoint = self._events_learned
+        self._last_checkpoint = self.clock()
+        try:
+            ec.commit({tp: off for tp, off in self._offsets.items()})
+        except StreamsError as exc:
+            log.warning("rank %d: commit after checkpoint failed, the checkpoint holds the offsets: %s",
+                        self.rank, exc)
+
+    # ------------------------------------------------------------------ the loop
+
+    def stop(self) -> None:
+        """Ask the group to stop after the step in hand (all ranks checkpoint and exit)."""
+        self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT stop the group gracefully."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop())
+
+    def _open(self) -> tuple[EventConsumer, list[TopicPartition]]:
+        producer = make_producer(self.settings)
+        consumer = make_consumer(self.settings, self.group_id, max_poll_records=self.batch_size)
+        mine = [TopicPartition(self.topics.events, p)
+                for p in assign_partitions(consumer.partitions_for(self.topics.events), self.rank, self.world_size)]
+        writer = DeadLetterWriter(producer, self.topics.dead_letter, self.group_id, clock=self.wall_clock)
+        ec = EventConsumer(consumer, writer, batch_size=self.batch_size, poll_timeout_s=self.poll_timeout_s,
+                           producer=producer)
+        consumer.assign(mine)
+        for tp in mine:
+            if tp in self._offsets:
+                ec.seek(tp, self._offsets[tp])
+        ec.skip_below({tp: self._offsets[tp] for tp in mine if tp in self._offsets})
+        for tp in mine:  # every partition has an offset in the checkpoint, read or not
+            if tp not in self._offsets:
+                pos = consumer.position(tp)
+                self._offsets[tp] = 0 if pos is None else int(pos)
+        log.info("rank %d of %d owns %s", self.rank, self.world_size, [p for _, p in mine])
+        return ec, mine
+
+    def _fill(self, ec: EventConsumer, buffers: dict[TopicPartition, deque], k: int) -> bool:
+        """Poll until every partition has ``k`` events buffered or has nothing more to
+        read (an empty poll, and the partition's position at its end offset). Returns
+        whether any record arrived."""
+        got = False
+        while True:
+            short = [tp for tp, b in buffers.items() if len(b) < k]
+            if not short:
+                break
+            batch = ec.poll_batch()
+            if batch is None:
+                if self._caught_up(ec, short) or self._stop.is_set():
+                    break
+                continue
+            got = True
+            self._records += len(batch.records) + batch.dead_lettered
+            self._dead += batch.dead_lettered
+            for ev, rec in zip(batch.events, batch.records):
+                buffers[TopicPartition(rec.topic, rec.partition)].append((ev, rec.offset))
+            for tp, off in batch.offsets.items():  # dead letters at a partition's tail move it too
+                self._tail[tp] = max(self._tail.get(tp, 0), off)
+        return got
+
+    @staticmethod
+    def _caught_up(ec: EventConsumer, partitions: list[TopicPartition]) -> bool:
+        try:
+            ends = ec.consumer.end_offsets(partitions)
+        except StreamsError as exc:
+            log.debug("could not read end offsets: %r", exc)
+            return True  # count it as caught up: the next step polls again
+        for tp in partitions:
+            pos = ec.consumer.position(tp)
+            if pos is None or pos < ends.get(tp, 0):
+                return False
+        return True
+
+    def _take(self, buffers: dict[TopicPartition, deque], k: int) -> list[Any]:
+        events: list[Any] = []
+        for tp, buf in buffers.items():
+            for _ in range(min(k, len(buf))):
+                ev, off = buf.popleft()
+                events.append(ev)
+                self._offsets[tp] = off + 1
+            if not buf and self._tail.get(tp, 0) > self._offsets[tp]:
+                self._offsets[tp] = self._tail[tp]
+        return events
+
+    def run(self) -> RuntimeStats:
+        """Step with the group until stopped, idle or ``max_events``; returns this rank's stats."""
+        ec, mine = self._open()
+        buffers: dict[TopicPartition, deque] = {tp: deque() for tp in mine}
+        self._tail: dict[TopicPartition, int] = {}
+        k = self.per_partition or max(1, self.batch_size // len(mine))
+        started = self._last_checkpoint = last_record = self.clock()
+        try:
+            while True:
+                got = self._fill(ec, buffers, k)
+                now = self.clock()
+                if got:
+                    last_record = now
+                events = self._take(buffers, k)
+                imps = [e for e in events if e.kind == "impression"]
+                self._skipped += len(events) - len(imps)
+                before = [a.copy() for a in self._arrays()]
+                n_before = int(getattr(self.learner, "n_learned", 0))
+                if imps:
+                    xs = [event_to_x(e) for e in imps]
+                    ys = np.fromiter((e.label for e in imps), dtype=np.int64, count=len(imps))
+                    prequential_step(self.learner, xs, ys, self.metrics)
+                idle = (not events and self.idle_timeout_s is not None and now - last_record >= self.idle_timeout_s)
+                due = (self.rank == 0 and self.checkpoint_every_s is not None
+                       and now - self._last_checkpoint >= self.checkpoint_every_s)
+                total = self._sync(before, n_before, [len(imps), self._stop.is_set(), idle, due])
+                self._steps += 1
+                learned = int(total[0])
+                self._events_learned += learned
+                self._learned_run += learned
+                stop = (total[1] > 0 or total[2] >= self.world_size
+                        or (self.max_events is not None and self._learned_run >= self.max_events))
+                n = self.checkpoint_every_n
+                if stop or total[3] > 0 or (n is not None and self._events_learned - self._learned_at_checkpoint >= n):
+                    self._checkpoint(ec, "stop" if stop else "interval")
+                if stop:
+                    break
+        finally:
+            ec.close()
+        elapsed = max(self.clock() - started, 1e-9)
+        return RuntimeStats(
+            group_id=self.group_id, learner=str(self.learner.spec["name"]), events_learned=self._events_learned,
+            events_learned_run=self._learned_run, events_per_s=self._learned_run / elapsed,
+            events_per_s_run=self._learned_run / elapsed, records=self._records, skipped=self._skipped,
+            dead_lettered=self._dead, duplicates=0, lag={}, total_lag=None, checkpoints=self._checkpoints,
+            last_checkpoint_at=None, elapsed_s=elapsed, metrics=metrics_summary(self.metrics))
