@@ -42,9 +42,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from learners.base import event_to_x
+from learners.base import columns_to_xs, event_to_x
 from learners.evaluate import prequential_step
 from learners.checkpoint import Checkpoint, flat_offsets, load_checkpoint, nest_offsets, save_checkpoint
+from streams.columns import EventColumns
 from streams.consumer import ConsumerCounts, EventConsumer, IdleTimer
 from streams.deadletter import DeadLetterWriter
 from streams.errors import ConfigError, StreamsError
@@ -391,6 +392,20 @@ class StreamLearnerRuntime:
         ec.subscribe([self.topics.events], on_assigned=self._on_assigned, on_revoked=self._on_revoked)
         return ec
 
+    def _learn_columns(self, cols: EventColumns) -> int:
+        """Learn the impressions of a column batch through ``predict_learn_columns`` (no
+        dict per event); a learner that refuses (``NotImplementedError``) gets examples."""
+        imps = cols.of_kind("impression")
+        if len(imps):
+            with self._metrics_lock:
+                try:
+                    p = self.learner.predict_learn_columns(imps)
+                except NotImplementedError:
+                    prequential_step(self.learner, columns_to_xs(imps), imps.label, self.metrics)
+                else:
+                    self.metrics.update(imps.label, p)
+        return len(imps)
+
     def _learn(self, events: Sequence[Any]) -> int:
         imps = [e for e in events if e.kind == "impression"]
         if imps:
@@ -413,18 +428,19 @@ class StreamLearnerRuntime:
                 left = None if self.max_events is None else self.max_events - self._learned_run
                 if left is not None and left <= 0:
                     break
-                batch = ec.poll_batch(max_events=left)
+                columnar = hasattr(self.learner, "predict_learn_columns")  # River: per event
+                batch = ec.poll_columns(max_events=left) if columnar else ec.poll_batch(max_events=left)
                 if self._check_ends:
                     self._check_checkpoint_against_ends()
                 now = self.clock()
                 if batch is not None:
                     idle.record()
                     self._failed = True  # until the whole batch is learned
-                    n = self._learn(batch.events)
+                    n = self._learn_columns(batch.columns) if columnar else self._learn(batch.events)
                     self._offsets.update(batch.offsets)
                     self._events_learned += n
                     self._learned_run += n
-                    self._skipped += len(batch.events) - n
+                    self._skipped += len(batch) - n
                     self._dirty = self._dirty or bool(batch.offsets)
                     self._failed = False
                 elif idle.expired(bool(ec.consumer.assignment())):
