@@ -67,7 +67,7 @@ def produce(settings: KafkaSettings, topic: str, values: list[tuple[bytes, bytes
     return n / (time.perf_counter() - t0)
 
 
-def consume_rate(settings: KafkaSettings, topic: str, partitions: int, n: int, decode: bool,
+def consume_rate(settings: KafkaSettings, topic: str, partitions: int, n: int, decode: bool | str,
                  batch_size: int) -> tuple[float, float]:
     """Events per wall second and per CPU second of this process (all its threads,
     librdkafka's included), from the first record to the n-th; one consumer reading all
@@ -80,7 +80,10 @@ def consume_rate(settings: KafkaSettings, topic: str, partitions: int, n: int, d
     deadline = time.monotonic() + 600
     try:
         while got < n and time.monotonic() < deadline:
-            if decode:
+            if decode == "columns":  # the columnar path (streams.columns via poll_columns)
+                batch = ec.poll_columns(timeout_s=1.0)
+                k = 0 if batch is None else len(batch) + batch.dead_lettered
+            elif decode:
                 batch = ec.poll_batch(timeout_s=1.0)
                 k = 0 if batch is None else len(batch.events) + batch.dead_lettered
             else:
@@ -234,7 +237,7 @@ def _bench(args: argparse.Namespace) -> int:
     for client in [c for c in args.clients.split(",") if c]:
         s = settings.with_client(client)  # type: ignore[arg-type]
         row = {}
-        for stage, decode in (("poll", False), ("poll+decode", True)):
+        for stage, decode in (("poll", False), ("poll+decode", True), ("poll+columns", "columns")):
             runs = [consume_rate(s, topics.events, args.partitions, args.events, decode, args.batch_size)
                     for _ in range(args.runs)]
             wall, cpu = [r[0] for r in runs], [r[1] for r in runs]
