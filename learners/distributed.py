@@ -289,6 +289,8 @@ class DistributedLearnerRuntime:
         ec = EventConsumer(consumer, writer, batch_size=self.batch_size, poll_timeout_s=self.poll_timeout_s,
                            producer=producer)
         consumer.assign(mine)
+        # keep only this rank's partitions: the checkpoint gathers every rank's own
+        self._offsets = {tp: off for tp, off in self._offsets.items() if tp in set(mine)}
         for tp in mine:
             if tp in self._offsets:
                 ec.seek(tp, self._offsets[tp])

@@ -70,7 +70,7 @@ def _finish(proc: subprocess.Popen, timeout: float = 200) -> str:
 
 
 def _ends(settings: KafkaSettings, topics: Topics) -> dict[int, int]:
-    ends = end_offsets(settings, [TopicPartition(topics.events, p) for p in range(PARTITIONS)])
+    ends = end_offsets(settings, [topics.events])
     return {tp.partition: off for tp, off in ends.items()}
 
 
