@@ -243,10 +243,9 @@ class EventConsumer:
 
     # ------------------------------------------------------------------ the loop
 
-    def poll_batch(self, max_events: int | None = None, timeout_s: float | None = None) -> EventBatch | None:
-        """Poll, decode and validate up to ``batch_size`` records (and at most
-        ``max_events`` valid events). Dead letters of the batch are acknowledged before it
-        is returned. ``None`` when nothing arrived within the timeout."""
+    def _next_records(self, timeout_s: float | None) -> list[Record] | None:
+        """Up to ``batch_size`` records: what a previous poll left over, else a new poll
+        (``None`` when nothing arrived within the timeout); the rest is kept for next time."""
         limit = self.batch_size
         if self._buffer:
             records, self._buffer = self._buffer, []
@@ -256,6 +255,15 @@ class EventConsumer:
                 return None
         if len(records) > limit:
             self._buffer, records = records[limit:] + self._buffer, records[:limit]
+        return records
+
+    def poll_batch(self, max_events: int | None = None, timeout_s: float | None = None) -> EventBatch | None:
+        """Poll, decode and validate up to ``batch_size`` records (and at most
+        ``max_events`` valid events). Dead letters of the batch are acknowledged before it
+        is returned. ``None`` when nothing arrived within the timeout."""
+        records = self._next_records(timeout_s)
+        if records is None:
+            return None
         want = len(records) if max_events is None else max_events
         events: list[Event] = []
         good: list[Record] = []
@@ -312,15 +320,9 @@ class EventConsumer:
         :func:`~streams.columns.decode_columns` pass, the same records dead-lettered with
         the same reasons, the same offsets, duplicates skipped alike. ``None`` when nothing
         arrived within the timeout."""
-        limit = self.batch_size
-        if self._buffer:
-            records, self._buffer = self._buffer, []
-        else:
-            records = self.consumer.poll(limit, self.poll_timeout_s if timeout_s is None else timeout_s)
-            if not records:
-                return None
-        if len(records) > limit:
-            self._buffer, records = records[limit:] + self._buffer, records[:limit]
+        records = self._next_records(timeout_s)
+        if records is None:
+            return None
         floor = self._floor
         fresh = [i for i, rec in enumerate(records)
                  if not floor or rec.offset >= floor.get((rec.topic, rec.partition), -1)]
