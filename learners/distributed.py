@@ -165,6 +165,9 @@ class DistributedLearnerRuntime:
         self._records = self._skipped = self._dead = 0
         self.comm_s = 0.0  # seconds in the per-step all-reduce (and its copies)
         self.bytes_per_step = 0  # payload of one step's all-reduce, per rank
+        self.allreduce_s = 0.0  # seconds inside dist.all_reduce alone (a subset of comm_s)
+        # steps that learned events (group-wide): their count, wall and CPU seconds, sync share
+        self.work = {"steps": 0, "events": 0, "wall_s": 0.0, "cpu_s": 0.0, "comm_s": 0.0, "allreduce_s": 0.0}
         self.resumed = False
         self._resume()
 
@@ -203,7 +206,9 @@ class DistributedLearnerRuntime:
         parts = [a - b for a, b in zip(arrays, before)]
         flat = np.concatenate([p.ravel() for p in parts] + [np.asarray(control, dtype=np.float64)])
         tensor = torch.from_numpy(flat)
+        t_ar = time.perf_counter()
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        self.allreduce_s += time.perf_counter() - t_ar
         i = 0
         for a, b in zip(arrays, before):
             np.add(b, flat[i:i + a.size].reshape(a.shape), out=a)
@@ -217,6 +222,19 @@ class DistributedLearnerRuntime:
         self.bytes_per_step = flat.nbytes
         self.comm_s += time.perf_counter() - t0
         return total
+
+    def _write_stats(self, elapsed: float) -> None:
+        """With ``TOWERSTREAM_DIST_STATS=PREFIX`` set, write this rank's timing counters
+        to ``PREFIX.rank<r>.json`` (benchmarks/bench_distributed.py reads them)."""
+        prefix = os.environ.get("TOWERSTREAM_DIST_STATS")
+        if not prefix:
+            return
+        import json
+
+        Path(f"{prefix}.rank{self.rank}.json").write_text(json.dumps({
+            "rank": self.rank, "world_size": self.world_size, "steps": self._steps, "elapsed_s": elapsed,
+            "events_learned_run": self._learned_run, "comm_s": self.comm_s, "allreduce_s": self.allreduce_s,
+            "bytes_per_step": self.bytes_per_step, "cpu_s": time.process_time(), "work": self.work}))
 
     def digest(self) -> str:
         """:func:`model_digest` of this rank's synced arrays."""
@@ -358,6 +376,8 @@ class DistributedLearnerRuntime:
         started = self._last_checkpoint = last_record = self.clock()
         try:
             while True:
+                t_step, cpu_step = time.perf_counter(), time.process_time()
+                comm0, ar0 = self.comm_s, self.allreduce_s
                 got = self._fill(ec, buffers, k)
                 now = self.clock()
                 if got:
@@ -377,6 +397,14 @@ class DistributedLearnerRuntime:
                 total = self._sync(before, n_before, [len(imps), self._stop.is_set(), idle, due])
                 self._steps += 1
                 learned = int(total[0])
+                if learned:
+                    w = self.work
+                    w["steps"] += 1
+                    w["events"] += learned
+                    w["wall_s"] += time.perf_counter() - t_step
+                    w["cpu_s"] += time.process_time() - cpu_step
+                    w["comm_s"] += self.comm_s - comm0
+                    w["allreduce_s"] += self.allreduce_s - ar0
                 self._events_learned += learned
                 self._learned_run += learned
                 stop = (total[1] > 0 or total[2] >= self.world_size
@@ -389,6 +417,7 @@ class DistributedLearnerRuntime:
         finally:
             ec.close()
         elapsed = max(self.clock() - started, 1e-9)
+        self._write_stats(elapsed)
         return RuntimeStats(
             group_id=self.group_id, learner=str(self.learner.spec["name"]), events_learned=self._events_learned,
             events_learned_run=self._learned_run, events_per_s=self._learned_run / elapsed,
