@@ -83,6 +83,25 @@ def assign_partitions(partitions: Sequence[int], rank: int, world_size: int) -> 
     return parts[rank::world_size]
 
 
+def _attempt_store(timeout_s: float) -> "dist.Store":
+    """The group's store, its keys under this launch attempt's prefix.
+
+    torchrun's agent keeps one store across ``--max-restarts`` restarts, and the default
+    ``env://`` init reads the group's keys without a per-attempt prefix: after a rank was
+    killed, the survivors of the next attempt read the dead rank's address and gloo's mesh
+    is refused. So the keys live under ``TORCHELASTIC_RUN_ID`` and
+    ``TORCHELASTIC_RESTART_COUNT``. Under torchrun the agent serves the store (every rank
+    is a client); launched by hand, rank 0 serves it.
+    """
+    host, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500"))
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(host, port, int(os.environ["WORLD_SIZE"]), is_master=not agent and os.environ["RANK"] == "0",
+                          timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
+    attempt = (f"towerstream/{os.environ.get('TORCHELASTIC_RUN_ID', 'manual')}/"
+               f"attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}")
+    return dist.PrefixStore(attempt, store)
+
+
 def init_group(world_size: int, timeout_s: float = 60.0) -> tuple[int, int]:
     """Join the process group torchrun describes (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``,
     ``MASTER_PORT``); returns ``(rank, world_size)``.
@@ -101,7 +120,8 @@ def init_group(world_size: int, timeout_s: float = 60.0) -> tuple[int, int]:
     where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
     if not dist.is_initialized():
         try:
-            dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
+            dist.init_process_group("gloo", store=_attempt_store(timeout_s), rank=int(os.environ["RANK"]),
+                                    world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
         except (RuntimeError, ValueError, OSError) as exc:  # DistStoreError is a RuntimeError
             raise GroupError(
                 f"rank {os.environ['RANK']} of {world_size} could not form the group at {where} within "

@@ -106,23 +106,31 @@ def test_rank_without_its_group_times_out_with_a_message(tmp_path: Path) -> None
     assert "could not form the group" in proc.stderr and f"127.0.0.1:{port}" in proc.stderr
 
 
-@pytest.mark.kafka
-@pytest.mark.xfail(reason="issue 14 open: SIGKILL/restart and 2-rank AUC not yet passing on this loaded 2-core machine (gloo mesh start-up refused; see the stop note)", strict=False)
-def test_two_ranks_one_model_and_sigkill_restart_learns_each_event_once(kafka_bootstrap: str,
-                                                                        tmp_path: Path) -> None:
-    settings, topics, impressions = _stream(kafka_bootstrap, 6000)
+def _clean_run(settings: KafkaSettings, topics: Topics, ckpt: Path, impressions: int):
+    """An uninterrupted 2-rank run over the whole topic; checks it is one model of every partition."""
     ends = _ends(settings, topics)
     assert all(ends[p] > 0 for p in range(PARTITIONS))
-
-    clean = tmp_path / "clean.ckpt"
-    _finish(_learn(settings, topics, clean, "--checkpoint-every-n", "300"))
-    ck = load_checkpoint(clean)
+    _finish(_learn(settings, topics, ckpt, "--checkpoint-every-n", "300"))
+    ck = load_checkpoint(ckpt)
     assert ck.offsets == {topics.events: ends}  # every partition, at its end
     assert ck.events_learned == impressions
     digests = ck.extra["rank_digests"]
     assert len(digests) == 2 and digests[0] == digests[1] == _w_digest(ck.state)
     assert ck.learner().n_learned == impressions  # read back like a single-process checkpoint
     assert np.count_nonzero(ck.state["w"]) > 100
+    return ck, ends
+
+
+@pytest.mark.kafka
+def test_two_ranks_end_with_one_model_and_every_partitions_offset(kafka_bootstrap: str, tmp_path: Path) -> None:
+    settings, topics, impressions = _stream(kafka_bootstrap, 6000)
+    _clean_run(settings, topics, tmp_path / "clean.ckpt", impressions)
+
+
+@pytest.mark.kafka
+def test_sigkill_of_one_rank_then_restart_learns_each_event_once(kafka_bootstrap: str, tmp_path: Path) -> None:
+    settings, topics, impressions = _stream(kafka_bootstrap, 6000)
+    ck, ends = _clean_run(settings, topics, tmp_path / "clean.ckpt", impressions)
 
     # the same stream again, in another group, with rank 1 SIGKILLed after the first checkpoint
     killed = tmp_path / "killed.ckpt"
@@ -146,7 +154,7 @@ def test_two_ranks_one_model_and_sigkill_restart_learns_each_event_once(kafka_bo
 
 
 @pytest.mark.kafka
-@pytest.mark.xfail(reason="issue 14 open: SIGKILL/restart and 2-rank AUC not yet passing on this loaded 2-core machine (gloo mesh start-up refused; see the stop note)", strict=False)
+@pytest.mark.xfail(reason="issue 14 open: 2-rank vs 1-process prequential AUC differ by 0.006-0.017 on this stream (target 0.005): the SGD L2 shrink is applied once per touching rank, and the processes see the partitions in different orders; see the issue note", strict=False)
 def test_two_rank_prequential_auc_matches_one_process(kafka_bootstrap: str, tmp_path: Path) -> None:
     settings, topics, impressions = _stream(kafka_bootstrap, 12000, seed=5)
     two = tmp_path / "two.ckpt"
