@@ -473,6 +473,8 @@ def test_learn_needs_a_learner_or_a_checkpoint(tmp_path: Path) -> None:
         _learn(["--bootstrap-servers", "localhost:1", "--checkpoint", str(tmp_path / "none.ckpt")])
     with pytest.raises(ConfigError, match="--batch-size"):
         _learn(["--learner", "ctr", "--bootstrap-servers", "localhost:1", "--batch-size", "0"])
+    with pytest.raises(ConfigError, match="--threads must be >= 1, got 0"):
+        _learn(["--learner", "ctr", "--bootstrap-servers", "localhost:1", "--threads", "0"])
 
 
 @pytest.mark.kafka
