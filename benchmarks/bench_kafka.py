@@ -199,18 +199,10 @@ def main(argv: list[str] | None = None) -> int:
                          "`towerstream learn` does)")
     args = ap.parse_args(argv)
 
-    broker = None
-    if not args.bootstrap:
-        from streams.broker import BrokerConfig, LocalBroker
+    from streams.broker import bootstrap_or_local
 
-        broker = LocalBroker(BrokerConfig.from_env(port=0, controller_port=0,
-                                                   data_dir=Path(tempfile.mkdtemp(prefix="bench-kafka-"))))
-        args.bootstrap = broker.start()
-    try:
+    with bootstrap_or_local(args.bootstrap, prefix="bench-kafka-") as args.bootstrap:
         return _bench(args)
-    finally:
-        if broker is not None:
-            broker.stop()
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -44,6 +44,7 @@ from typing import Any, Callable, Iterator, Literal, Mapping
 from streams.errors import ConfigError, StreamsError
 
 __all__ = [
+    "bootstrap_or_local",
     "preexec_die_with_parent",
     "BrokerConfig",
     "BrokerError",
@@ -590,6 +591,21 @@ def _accepts(host: str, port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+@contextlib.contextmanager
+def bootstrap_or_local(bootstrap: str | None, prefix: str = "towerstream-broker-") -> Iterator[str]:
+    """Yield ``bootstrap`` when one is given; otherwise start a throwaway :class:`LocalBroker`
+    (free ports, a fresh temporary data directory named ``prefix...``), yield its
+    bootstrap address and stop it afterwards (benchmarks run on either)."""
+    if bootstrap:
+        yield bootstrap
+        return
+    import tempfile
+
+    config = BrokerConfig.from_env(port=0, controller_port=0, data_dir=Path(tempfile.mkdtemp(prefix=prefix)))
+    with LocalBroker(config) as broker:
+        yield broker.bootstrap
 
 
 @contextlib.contextmanager

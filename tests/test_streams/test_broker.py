@@ -187,3 +187,17 @@ def test_missing_maven_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setattr(broker_mod.shutil, "which", lambda name: None)
     with pytest.raises(BrokerError, match="mvn not found: install Maven"):
         ensure_jars(BrokerConfig(jar_dir=tmp_path / "libs", data_dir=tmp_path / "d"))
+
+
+def test_bootstrap_or_local_passes_a_given_address_through() -> None:
+    with broker_mod.bootstrap_or_local("kafka.example:9092") as bootstrap:
+        assert bootstrap == "kafka.example:9092"
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_bootstrap_or_local_starts_a_throwaway_broker_and_stops_it() -> None:
+    with broker_mod.bootstrap_or_local(None, prefix="ts-test-broker-") as bootstrap:
+        port = int(bootstrap.rsplit(":", 1)[1])
+        assert not _port_is_free(port)  # a broker listens there while the block runs
+    assert _port_is_free(port)
