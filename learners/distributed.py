@@ -83,8 +83,8 @@ def assign_partitions(partitions: Sequence[int], rank: int, world_size: int) -> 
     return parts[rank::world_size]
 
 
-def _attempt_store(timeout_s: float) -> "dist.Store":
-    """The group's store, its keys under this launch attempt's prefix.
+def _attempt_store(host: str, port: int, rank: int, world_size: int, timeout_s: float) -> "dist.Store":
+    """The group's store at ``host:port``, its keys under this launch attempt's prefix.
 
     torchrun's agent keeps one store across ``--max-restarts`` restarts, and the default
     ``env://`` init reads the group's keys without a per-attempt prefix: after a rank was
@@ -93,9 +93,8 @@ def _attempt_store(timeout_s: float) -> "dist.Store":
     ``TORCHELASTIC_RESTART_COUNT``. Under torchrun the agent serves the store (every rank
     is a client); launched by hand, rank 0 serves it.
     """
-    host, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500"))
     agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    store = dist.TCPStore(host, port, int(os.environ["WORLD_SIZE"]), is_master=not agent and os.environ["RANK"] == "0",
+    store = dist.TCPStore(host, port, world_size, is_master=not agent and rank == 0,
                           timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
     attempt = (f"towerstream/{os.environ.get('TORCHELASTIC_RUN_ID', 'manual')}/"
                f"attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}")
@@ -110,21 +109,22 @@ def init_group(world_size: int, timeout_s: float = 60.0) -> tuple[int, int]:
     :class:`GroupError` when the group is not complete within ``timeout_s``.
     """
     env_world = os.environ.get("WORLD_SIZE")
-    if env_world is None or "RANK" not in os.environ:
+    if env_world is None or not all(k in os.environ for k in ("RANK", "MASTER_ADDR", "MASTER_PORT")):
         raise ConfigError(
             f"--world-size {world_size} needs a launcher: run `torchrun --nproc-per-node {world_size} -m app.cli "
             "learn --world-size ...` (or set RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT)"
         )
     if int(env_world) != world_size:
         raise ConfigError(f"--world-size {world_size} but the launcher started {env_world} ranks: make them agree")
-    where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    rank, host, port = os.environ["RANK"], os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]
     if not dist.is_initialized():
         try:
-            dist.init_process_group("gloo", store=_attempt_store(timeout_s), rank=int(os.environ["RANK"]),
-                                    world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
+            store = _attempt_store(host, int(port), int(rank), world_size, timeout_s)
+            dist.init_process_group("gloo", store=store, rank=int(rank), world_size=world_size,
+                                    timeout=datetime.timedelta(seconds=timeout_s))
         except (RuntimeError, ValueError, OSError) as exc:  # DistStoreError is a RuntimeError
             raise GroupError(
-                f"rank {os.environ['RANK']} of {world_size} could not form the group at {where} within "
+                f"rank {rank} of {world_size} could not form the group at {host}:{port} within "
                 f"{timeout_s:g} s ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}): "
                 "check that every rank was started and that MASTER_ADDR:MASTER_PORT is reachable"
             ) from None
@@ -328,7 +328,8 @@ class DistributedLearnerRuntime:
                            producer=producer)
         consumer.assign(mine)
         # keep only this rank's partitions: the checkpoint gathers every rank's own
-        self._offsets = {tp: off for tp, off in self._offsets.items() if tp in set(mine)}
+        owned = set(mine)
+        self._offsets = {tp: off for tp, off in self._offsets.items() if tp in owned}
         for tp in mine:
             if tp in self._offsets:
                 ec.seek(tp, self._offsets[tp])
