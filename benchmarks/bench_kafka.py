@@ -25,7 +25,7 @@ the simulator's events are impressions).
 
     .venv/bin/python benchmarks/bench_kafka.py
     .venv/bin/python benchmarks/bench_kafka.py --events 100000 --runs 3 --learners ctr,lr --json out.json
-    .venv/bin/python benchmarks/bench_kafka.py --events 30000 --runs 3 --runtime-events 30000 \
+    .venv/bin/python benchmarks/bench_kafka.py --events 40000 --runs 3 --runtime-events 30000 \
         --clients confluent --learners ctr,lr,two-tower,inttower
 """
 
@@ -208,10 +208,15 @@ def main(argv: list[str] | None = None) -> int:
 def _bench(args: argparse.Namespace) -> int:
     settings = KafkaSettings(args.bootstrap)
     topics = Topics(prefix=f"bench{uuid.uuid4().hex[:8]}")
-    ensure_topics(settings, {topics.events: args.partitions, topics.dead_letter: 1})
     sim_events = list(ClickSimulator(SimulatorConfig(seed=1)).events(max_events=min(args.events, 50_000)))
     values = [(encode_event(e), key_for_user(e.user_id)) for e in sim_events]
     learners = [n for n in args.learners.split(",") if n]
+    in_topic = sum(sim_events[i % len(sim_events)].kind == "impression" for i in range(args.events))
+    if learners and args.runtime_events > in_topic:
+        raise SystemExit(f"bench_kafka: --runtime-events {args.runtime_events:,} but the topic will hold only "
+                         f"{in_topic:,} impressions of its {args.events:,} events (the runtime would wait for "
+                         "more forever): raise --events or lower --runtime-events")
+    ensure_topics(settings, {topics.events: args.partitions, topics.dead_letter: 1})
     if args.torch_threads > 0 and any(n in ("two-tower", "inttower", "dat") for n in learners):
         import torch
 
