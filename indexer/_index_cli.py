@@ -37,8 +37,8 @@ from learners.base import X, event_to_x
 from streams.errors import ConfigError
 from streams.events import decode_event
 from streams.shutdown import STOP_DEADLINE_S, exit_if_still_stopping
-from streams.topics import Topics
-from streams.transport import KafkaSettings, make_producer
+from streams.topics import ITEMS_PARTITIONS, Topics
+from streams.transport import KafkaSettings, ensure_topics, make_producer
 
 __all__ = ["register"]
 
@@ -195,6 +195,7 @@ def _run(args: argparse.Namespace) -> int:
     assert settings is not None
     topics = Topics(prefix=args.topic_prefix)
     ensure_control_topic(settings, topics)
+    ensure_topics(settings, {topics.items: ITEMS_PARTITIONS})  # item events: catalogue + covered_seq
     window = RecentWindow(maxlen=args.window)
     producer = make_producer(settings)
     stop = threading.Event()

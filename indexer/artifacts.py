@@ -64,6 +64,7 @@ log = logging.getLogger(__name__)
 INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.npy"
 TRAINED_FILE = "trained.faiss"
+TOWER_FILE = "tower.ckpt"  # the exact checkpoint the version was built from: its frozen item tower
 MANIFEST_FILE = "manifest.json"
 CURRENT_FILE = "CURRENT"
 PINNED_FILE = "PINNED"
@@ -233,13 +234,15 @@ class ArtifactStore:
         manifest: Mapping[str, Any],
         *,
         trained: bytes | None = None,
+        tower: bytes | None = None,
         hook: Callable[[str, Path], None] | None = None,
     ) -> VersionInfo:
         """Write a new version (not yet served) and return it.
 
         ``manifest`` is completed with ``version``, ``created_at``, ``item_count`` and
-        ``files``. ``hook(stage, tmp_path)`` is called after each file (tests use it to
-        crash mid-write).
+        ``files``. ``tower`` is the checkpoint file the version was built from (its frozen
+        item tower, which scorers use to embed item deltas on this version). ``hook(stage,
+        tmp_path)`` is called after each file (tests use it to crash mid-write).
         """
         ids = np.asarray(ids)
         if ids.ndim != 1 or ids.dtype.kind != "U":
@@ -264,6 +267,9 @@ class ArtifactStore:
                 if trained is not None:
                     (tmp / TRAINED_FILE).write_bytes(trained)
                     files[TRAINED_FILE] = file_digest(tmp / TRAINED_FILE)
+                if tower is not None:
+                    (tmp / TOWER_FILE).write_bytes(tower)
+                    files[TOWER_FILE] = file_digest(tmp / TOWER_FILE)
                 full = dict(manifest)
                 full.update(version=version, created_at=time.time(), item_count=int(len(ids)), files=files)
                 data = orjson.dumps(full, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY, default=str)

@@ -31,6 +31,7 @@ import orjson
 from indexer.errors import CatalogueError
 from learners.base import ITEM_PREFIX
 from streams.events import Event, FeatureValue
+from streams.items import ItemEvent
 
 __all__ = ["Catalogue", "CatalogueSnapshot", "item_x"]
 
@@ -59,11 +60,16 @@ class CatalogueSnapshot:
         Item examples (``item_x``) in the same order; what ``encode_items`` takes.
     revision
         Increases whenever an item is added or its features change.
+    items_seq
+        The item-log sequence (``<prefix>.items`` offset + 1) this snapshot reflects: a
+        version built from it covers every item event up to here, so a scorer replays
+        only the later ones on it (0: no item event yet).
     """
 
     ids: tuple[str, ...]
     xs: tuple[dict[str, FeatureValue], ...]
     revision: int
+    items_seq: int = 0
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -105,7 +111,9 @@ class Catalogue:
         self._features: dict[str, dict[str, FeatureValue]] = {}
         self._xs: dict[str, dict[str, FeatureValue]] = {}  # item_x, built once per change
         self._first_seen: dict[str, float] = {}
+        self._retired: set[str] = set()  # retired by an item event: the click stream cannot revive them
         self._revision = 0
+        self._items_seq = 0
 
     def __len__(self) -> int:
         return len(self._features)
@@ -135,9 +143,35 @@ class Catalogue:
                 return True
             return False
 
+    def retire(self, item_id: str) -> bool:
+        """Remove an item; later impressions of it (stragglers) do not bring it back, only an
+        upsert item event does. Returns True if it was in the catalogue."""
+        with self._lock:
+            self._retired.add(item_id)
+            present = self._features.pop(item_id, None) is not None
+            self._xs.pop(item_id, None)
+            if present:
+                self._revision += 1
+            return present
+
+    def observe_item_event(self, event: ItemEvent, seq: int) -> bool:
+        """Apply one item event read at item-log sequence ``seq`` (offset + 1). True if the
+        catalogue changed."""
+        if event.op == "retire":
+            changed = self.retire(event.item_id)
+        else:
+            with self._lock:
+                self._retired.discard(event.item_id)
+            changed = self.upsert(event.item_id, event.features)
+        with self._lock:
+            if seq > self._items_seq:
+                self._items_seq = seq
+                self._revision += 1  # a newer cut: the next build records it
+        return changed
+
     def observe_event(self, event: Event) -> bool:
         """Take an impression's or click's item (requests carry none). True if it is new."""
-        if event.item_id is None:
+        if event.item_id is None or event.item_id in self._retired:
             return False
         return self.upsert(event.item_id, event.item_features)
 
@@ -187,4 +221,5 @@ class Catalogue:
         """The catalogue now, in insertion order. Cheap (two tuple copies under the lock);
         the examples are shared, never mutated: an update replaces an item's example."""
         with self._lock:
-            return CatalogueSnapshot(ids=tuple(self._xs), xs=tuple(self._xs.values()), revision=self._revision)
+            return CatalogueSnapshot(ids=tuple(self._xs), xs=tuple(self._xs.values()), revision=self._revision,
+                                     items_seq=self._items_seq)

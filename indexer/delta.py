@@ -69,6 +69,9 @@ class DeltaHandle:
         Items added or changed since the base, shape (M,) and (M, D), exact search.
     hidden
         Ids whose base vectors must not be served (retired or replaced by a side vector).
+    encode_items
+        The frozen item tower the base was built with; deltas on this handle are embedded
+        with it (None: the :class:`DeltaLog`'s default encoder).
     """
 
     base: IndexHandle
@@ -76,6 +79,7 @@ class DeltaHandle:
     side_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype="<U1"))
     side_vecs: np.ndarray | None = None
     hidden: frozenset[str] = frozenset()
+    encode_items: "ItemEncoder | None" = None  # the base's frozen item tower (None: the log's)
     _hidden_arr: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype="<U1"))
     _hidden_labels: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
@@ -147,7 +151,8 @@ class DeltaLog:
     Parameters
     ----------
     encode_items
-        The frozen item tower of the served base version.
+        The default frozen item tower (a handle's own ``encode_items``, given to
+        :meth:`rebase`, wins): None when every base brings its own.
     clock
         Wall clock (seconds since the epoch) for the freshness samples.
     on_fresh
@@ -164,7 +169,7 @@ class DeltaLog:
         Event time -> retrievable, one sample per applied upsert.
     """
 
-    def __init__(self, encode_items: ItemEncoder, *, clock: Callable[[], float] = time.time,
+    def __init__(self, encode_items: ItemEncoder | None = None, *, clock: Callable[[], float] = time.time,
                  on_fresh: Callable[[str, float], None] | None = None,
                  on_refused: Callable[[], None] | None = None) -> None:
         self.encode_items = encode_items
@@ -178,24 +183,52 @@ class DeltaLog:
         self.freshness_s: list[float] = []
         self._recorded_seq = 0  # events up to here had their freshness / refusal recorded
 
-    def rebase(self, base: IndexHandle, *, covered_seq: int | None = None) -> DeltaHandle:
+    def rebase(self, base: IndexHandle, *, covered_seq: int | None = None,
+               encode_items: ItemEncoder | None = None) -> DeltaHandle:
         """A handle over ``base`` with every logged event after ``covered_seq`` replayed.
 
         A full rebuild passes the log sequence its catalogue cut covered (so nothing is
         applied twice and nothing lost); a rollback passes the older version's value, or
-        None (replay the whole log: retirements hold on any base).
+        None (replay the whole log: retirements hold on any base). ``encode_items`` is the
+        base's own frozen item tower (None: this log's default).
         """
         after = 0 if covered_seq is None else covered_seq
-        handle = DeltaHandle(base=base, delta_seq=max(after, 0))
+        handle = DeltaHandle(base=base, delta_seq=max(after, 0), encode_items=encode_items)
         todo = [e for e in self._entries if e.seq > after]
         return self._build(handle, todo, record=True) if todo else handle
 
-    def append(self, events: Sequence[ItemEvent]) -> int:
-        """Log ``events`` (numbered in order); returns the last sequence number."""
-        for event in events:
-            self.seq += 1
-            self._entries.append(_Entry(self.seq, event))
+    def append(self, events: Sequence[ItemEvent], seqs: Sequence[int] | None = None) -> int:
+        """Log ``events``; returns the last sequence number.
+
+        ``seqs`` gives each event's sequence (the items topic's offset + 1, so that every
+        process names the same event by the same number); without it events are numbered
+        on from the last. A sequence at or below the last is a duplicate and skipped.
+        """
+        if seqs is not None and len(seqs) != len(events):
+            raise ValueError(f"{len(events)} events but {len(seqs)} sequence numbers")
+        for i, event in enumerate(events):
+            seq = self.seq + 1 if seqs is None else int(seqs[i])
+            if seq <= self.seq:
+                continue  # re-delivered: already logged
+            self.seq = seq
+            self._entries.append(_Entry(seq, event))
         return self.seq
+
+    @property
+    def first_seq(self) -> int:
+        """The oldest sequence still held (0: the log is empty)."""
+        return self._entries[0].seq if self._entries else 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def trim(self, upto_seq: int) -> int:
+        """Forget entries at or below ``upto_seq`` (every base that may still be served
+        covers them); returns how many were dropped."""
+        keep = [e for e in self._entries if e.seq > upto_seq]
+        dropped = len(self._entries) - len(keep)
+        self._entries = keep
+        return dropped
 
     def catch_up(self, handle: DeltaHandle) -> DeltaHandle:
         """A new handle with every logged event after ``handle.delta_seq`` applied.
@@ -218,7 +251,12 @@ class DeltaLog:
             latest[e.event.item_id] = e.event  # newest wins, order kept
         seq_of = {e.event.item_id: e.seq for e in entries}
         upserts = [ev for ev in latest.values() if ev.op == "upsert"]
-        vecs = (np.asarray(self.encode_items([item_x(ev.item_id, ev.features) for ev in upserts]),
+        encoder = handle.encode_items if handle.encode_items is not None else self.encode_items
+        if encoder is None and upserts:
+            log.warning("version %s has no frozen item tower: %d upsert(s) wait for the next build "
+                        "(retirements still apply)", handle.version, len(upserts))
+            upserts = []
+        vecs = (np.asarray(encoder([item_x(ev.item_id, ev.features) for ev in upserts]),
                            dtype=np.float32) if upserts else np.zeros((0, handle.dim), dtype=np.float32))
         finite = np.isfinite(vecs).all(axis=1) if len(vecs) else np.zeros(0, dtype=bool)
         side = {sid: v for sid, v in zip(handle.side_ids.tolist(),
@@ -254,7 +292,8 @@ class DeltaLog:
         labels = (np.flatnonzero(np.isin(handle.base.ids, hidden_arr)).astype(np.int64) if len(hidden_arr)
                   else np.zeros(0, dtype=np.int64))
         out = DeltaHandle(base=handle.base, delta_seq=seq, side_ids=side_ids, side_vecs=side_vecs,
-                          hidden=frozenset(hidden), _hidden_arr=hidden_arr, _hidden_labels=labels)
+                          hidden=frozenset(hidden), encode_items=handle.encode_items,
+                          _hidden_arr=hidden_arr, _hidden_labels=labels)
         if record:
             self._recorded_seq = max(self._recorded_seq, seq)
             for item_id, seconds in fresh:

@@ -7,7 +7,9 @@ learned from: a held-out window for the guardrail's offline AUC.
 :class:`StreamFollower` is a background thread that reads the events topic from the
 beginning without a consumer group (it commits nothing and never disturbs the
 learner's group), adds every item it sees to the :class:`~indexer.catalogue.Catalogue`
-and every impression to the window. Records that fail to decode are counted and
+and every impression to the window. It also reads the items topic (new, changed and
+retired items, :mod:`streams.items`) into the catalogue, which records the item-log
+sequence each build covers. Records that fail to decode are counted and
 skipped here (the ingest path dead-letters them).
 
 >>> w = RecentWindow(maxlen=3)
@@ -32,8 +34,9 @@ from indexer.errors import IndexerError
 from learners.base import X, event_to_x
 from streams.errors import EventValidationError
 from streams.events import decode_event
-from streams.topics import Topics
-from streams.transport import Consumer, KafkaSettings, TopicPartition, make_consumer
+from streams.items import ItemEventError, decode_item_event
+from streams.topics import ITEMS_PARTITIONS, Topics
+from streams.transport import Consumer, KafkaSettings, TopicPartition, ensure_topics, make_consumer
 
 __all__ = ["RecentWindow", "StreamFollower"]
 
@@ -123,6 +126,7 @@ class StreamFollower:
         self.poll_timeout_s = poll_timeout_s
         self.records = 0
         self.bad_records = 0
+        self.item_events = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.error: str | None = None
@@ -148,6 +152,9 @@ class StreamFollower:
         """Take a batch of :class:`streams.transport.Record` (public for tests)."""
         for record in records:
             self.records += 1
+            if record.topic == self.topics.items:
+                self._handle_item(record)
+                continue
             try:
                 event = decode_event(record.value)
             except EventValidationError as exc:
@@ -158,11 +165,29 @@ class StreamFollower:
             if self.window is not None and event.kind == "impression" and event.label is not None:
                 self.window.add(record.topic, record.partition, record.offset, event_to_x(event), event.label)
 
+    def _handle_item(self, record: Any) -> None:
+        try:
+            event = decode_item_event(record.value)
+        except ItemEventError as exc:
+            self.bad_records += 1
+            log.debug("skipping bad item record %s@%d: %s", record.topic, record.offset, exc)
+            return
+        self.catalogue.observe_item_event(event, record.offset + 1)
+        self.item_events += 1
+
     def _assign(self, consumer: Consumer) -> bool:
         partitions = consumer.partitions_for(self.topics.events)
         if not partitions:
             return False
         tps = [TopicPartition(self.topics.events, p) for p in partitions]
+        ensure_topics(self.settings, {self.topics.items: ITEMS_PARTITIONS})  # item events may come later
+        items = consumer.partitions_for(self.topics.items)
+        if items:
+            if len(items) != ITEMS_PARTITIONS:
+                raise IndexerError(f"the items topic {self.topics.items!r} has {len(items)} partitions; item "
+                                   f"deltas need exactly {ITEMS_PARTITIONS} (its offset is the delta sequence): "
+                                   "recreate it with one partition")
+            tps.append(TopicPartition(self.topics.items, 0))
         consumer.assign(tps)  # no group, nothing committed: starts at the earliest offset
         return True
 

@@ -66,6 +66,7 @@ class FrozenModel:
     events_learned: int = 0
     created_at: float = 0.0
     spec: Mapping[str, Any] = field(default_factory=dict)
+    checkpoint_bytes: bytes | None = None  # kept beside the version: the frozen tower of its deltas
 
 
 class CheckpointSource(Protocol):
@@ -97,9 +98,13 @@ class FileCheckpointSource:
         return (st.st_ino, st.st_mtime_ns, st.st_size)
 
     def load(self) -> FrozenModel:
-        from learners.checkpoint import load_checkpoint
+        from learners.checkpoint import CheckpointError, checkpoint_from_bytes
 
-        ck = load_checkpoint(self.path)
+        try:
+            data = self.path.read_bytes()  # once: these exact bytes are the version's tower
+        except FileNotFoundError:
+            raise CheckpointError(f"no checkpoint at {self.path}") from None
+        ck = checkpoint_from_bytes(data, str(self.path))
         learner = ck.learner()
         if not (hasattr(learner, "encode_items") and hasattr(learner, "encode_users")):
             raise IndexerError(
@@ -107,7 +112,8 @@ class FileCheckpointSource:
                 "(encode_items/encode_users): index a two-tower learner's checkpoint"
             )
         return FrozenModel(encoder=learner, source=str(self.path), offsets=ck.offsets,
-                           events_learned=ck.events_learned, created_at=ck.created_at, spec=ck.spec)
+                           events_learned=ck.events_learned, created_at=ck.created_at, spec=ck.spec,
+                           checkpoint_bytes=data)
 
 
 HeldOutProvider = Callable[[FrozenModel], tuple[Sequence[X], np.ndarray]]
@@ -397,9 +403,11 @@ class IndexerService:
         if not decision.accepted:
             return self._refused(decision, key, t0)
         manifest = self._manifest(model, result, auc, len(xs), trigger, phases["embed"], decision)
+        manifest["items"] = {"covered_seq": int(getattr(snap, "items_seq", 0))}
         info = self.store.write_version(
             result.index, np.asarray(snap.ids, dtype=np.str_), manifest,
-            trained=None if result.trained is None else result.trained.template, hook=self.build_hook,
+            trained=None if result.trained is None else result.trained.template,
+            tower=model.checkpoint_bytes, hook=self.build_hook,
         )
         lap("write")
         self.store.publish(info.version)

@@ -53,6 +53,10 @@ class IndexWatcher:
         Loads a version directory into a handle (``load_handle``).
     on_swap
         Called with the new handle after each swap (metrics hook).
+    swapper
+        Serves a loaded version instead of ``holder.swap`` (the item-delta follower's
+        :meth:`~indexer.item_follow.ItemDeltaFollower.swap_base`, which replays the item
+        deltas the version lacks before it is served).
     """
 
     def __init__(
@@ -65,6 +69,7 @@ class IndexWatcher:
         poll_timeout_s: float = 0.5,
         loader: Callable[[Path], IndexHandle] = load_handle,
         on_swap: Callable[[IndexHandle], None] | None = None,
+        swapper: Callable[[IndexHandle], object] | None = None,
     ) -> None:
         self.settings = settings
         self.holder = holder
@@ -73,6 +78,7 @@ class IndexWatcher:
         self.poll_timeout_s = poll_timeout_s
         self.loader = loader
         self.on_swap = on_swap
+        self.swapper = swapper
         self.swaps = 0
         self.skipped = 0
         self.errors = 0
@@ -129,7 +135,10 @@ class IndexWatcher:
             log.error("could not load announced index version %d: %s; still serving %s",
                       announcement.version, exc, current)
             return False
-        self.holder.swap(handle)
+        if self.swapper is not None:
+            self.swapper(handle)
+        else:
+            self.holder.swap(handle)
         self.swaps += 1
         if self.on_swap is not None:
             self.on_swap(handle)

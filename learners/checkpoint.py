@@ -45,6 +45,7 @@ __all__ = [
     "CheckpointError",
     "save_checkpoint",
     "load_checkpoint",
+    "checkpoint_from_bytes",
     "restore_learner",
     "nest_offsets",
     "flat_offsets",
@@ -194,16 +195,27 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     """Read a checkpoint written by :func:`save_checkpoint`."""
     try:
         with open(path, "rb") as f:
-            payload = pickle.load(f)
+            data = f.read()
     except FileNotFoundError:
         raise CheckpointError(f"no checkpoint at {path}") from None
+    return checkpoint_from_bytes(data, str(path))
+
+
+def checkpoint_from_bytes(data: bytes, where: str = "checkpoint bytes") -> Checkpoint:
+    """Parse the bytes of a checkpoint file (``where`` names them in errors).
+
+    The indexer reads a checkpoint file once and keeps those exact bytes beside the index
+    version it builds (the version's frozen tower), so both are parsed here.
+    """
+    try:
+        payload = pickle.loads(data)
     except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(f"{where} is not a readable checkpoint ({type(exc).__name__}: {exc})") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a towerstream learner checkpoint")
+        raise CheckpointError(f"{where} is not a towerstream learner checkpoint")
     if payload.get("version") != CHECKPOINT_VERSION:
         raise CheckpointError(
-            f"{path} has checkpoint version {payload.get('version')!r}; this towerstream reads "
+            f"{where} has checkpoint version {payload.get('version')!r}; this towerstream reads "
             f"version {CHECKPOINT_VERSION}"
         )
     return Checkpoint(

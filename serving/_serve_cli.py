@@ -49,6 +49,8 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p.add_argument("--group", default="towerstream-scorer", help="consumer group of the request loop")
     p.add_argument("--eval-group", default="towerstream-scorer-eval", help="consumer group of the events follower")
     p.add_argument("--no-online-eval", action="store_true", help="do not follow the events topic")
+    p.add_argument("--no-item-deltas", action="store_true",
+                   help="do not apply item events (<prefix>.items) to the served index between rebuilds")
     p.add_argument("--default-gc", action="store_true",
                    help="keep Python's default garbage-collector settings (by default the objects built at "
                         "start-up are frozen: a full collection would rescan them, a stall of every request)")
@@ -107,7 +109,7 @@ def _serve(args: argparse.Namespace) -> int:
         catalogue=args.catalogue, shadows=_shadows(args.shadow), eval_window_s=args.eval_window,
         score_batch=args.score_batch, commit_interval_s=args.commit_interval_s,
         checkpoint_poll_s=args.checkpoint_poll_s,
-        online_eval=not args.no_online_eval,
+        online_eval=not args.no_online_eval, item_deltas=not args.no_item_deltas,
     )
     app = ServingApp(config)
 

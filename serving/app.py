@@ -9,7 +9,12 @@ One process holds:
 * the :class:`~serving.scorer.Scorer`;
 * the HTTP server (``/recommend``, ``/healthz``, ``/readyz``, ``/metrics``);
 * with Kafka: the request loop (requests -> rankings) and the events follower
-  (impressions/clicks -> online AUC, item features for the pre-ranker), each in a thread.
+  (impressions/clicks -> online AUC, item features for the pre-ranker), each in a thread;
+* with Kafka: the item-delta follower (:class:`~indexer.item_follow.ItemDeltaFollower`):
+  new, changed and retired items from ``<prefix>.items`` are applied to the served version
+  within a poll, embedded with that version's frozen item tower, so an item is
+  retrievable seconds after its event instead of after the next full rebuild
+  (``towerstream_item_freshness_seconds``).
 
 A loop that dies (e.g. the rankings could not be delivered) stops the app, and
 :meth:`ServingApp.wait` re-raises its error so the process exits non-zero and its
@@ -27,7 +32,10 @@ from typing import Mapping
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from indexer.artifacts import ArtifactStore
+from indexer.delta import DeltaLog
+from indexer.freshness import FreshnessMetrics
 from indexer.handle import IndexHolder, load_handle
+from indexer.item_follow import ItemDeltaFollower, covered_seq
 from indexer.watcher import IndexWatcher
 from serving.http import ServingHTTPServer, make_http_server, serve_in_thread
 from serving.metrics import Metrics
@@ -42,8 +50,9 @@ from serving.request_consumer import (
 from serving.scorer import CheckpointLearnerSource, ItemFeatureStore, LearnerSource, Scorer
 from streams.errors import ConfigError, TowerstreamError
 from streams.exposition import ThreadCPUCollector, watch_gc_pauses
-from streams.topics import DEFAULT_PARTITIONS, Topics
-from streams.transport import KafkaSettings, ensure_topics
+from streams.deadletter import DeadLetterWriter
+from streams.topics import DEFAULT_PARTITIONS, ITEMS_PARTITIONS, Topics
+from streams.transport import KafkaSettings, Producer, TopicPartition, ensure_topics, make_consumer, make_producer
 
 __all__ = ["ServeConfig", "ServingApp"]
 
@@ -82,6 +91,8 @@ class ServeConfig:
         The request loop flushes its rankings and commits at most this often (0: every batch).
     online_eval
         Follow the events topic for online AUC (Kafka only).
+    item_deltas
+        Apply item events to the served index between rebuilds (Kafka only).
     """
 
     checkpoint: Path
@@ -103,6 +114,7 @@ class ServeConfig:
     score_batch: int = 64
     commit_interval_s: float = 1.0
     online_eval: bool = True
+    item_deltas: bool = True
 
     def __post_init__(self) -> None:
         if self.k_retrieve < 1 or self.k_default < 1:
@@ -155,6 +167,9 @@ class ServingApp:
         self.watcher: IndexWatcher | None = None
         self.requests: RequestConsumer | None = None
         self.follower: EventsFollower | None = None
+        self.freshness: FreshnessMetrics | None = None
+        self.item_follower: ItemDeltaFollower | None = None
+        self._items_producer: Producer | None = None
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
         self.error: BaseException | None = None
@@ -203,8 +218,21 @@ class ServingApp:
         t = cfg.topics
         ensure_topics(cfg.kafka, {t.requests: DEFAULT_PARTITIONS, t.rankings: DEFAULT_PARTITIONS,
                                   t.events: DEFAULT_PARTITIONS, t.dead_letter: DEFAULT_PARTITIONS})
+        swapper = None
+        if cfg.item_deltas:
+            ensure_topics(cfg.kafka, {t.items: ITEMS_PARTITIONS})
+            self.freshness = FreshnessMetrics(self.registry)
+            self._items_producer = make_producer(cfg.kafka)
+            self.item_follower = ItemDeltaFollower(
+                self.holder,
+                DeltaLog(on_fresh=self.freshness.observe, on_refused=self.freshness.refused),
+                DeadLetterWriter(self._items_producer, t.dead_letter, "scorer-items"),
+                on_upsert=self.items.upsert, on_served=self.freshness.served, min_covered=self._min_covered)
+            swapper = self.item_follower.swap_base
         self.watcher = IndexWatcher(cfg.kafka, self.holder, cfg.index_root, topics=t,
-                                    on_swap=self.metrics.on_index_swap).start()
+                                    on_swap=self.metrics.on_index_swap, swapper=swapper).start()
+        if self.item_follower is not None:
+            self._spawn("items", self._follow_items)
         self.requests = open_request_consumer(cfg.kafka, self.scorer, group_id=cfg.group_id, topics=t,
                                               metrics=self.metrics, evaluator=self.evaluator,
                                               score_batch=cfg.score_batch,
@@ -215,6 +243,27 @@ class ServingApp:
                                                  items=self.items, metrics=self.metrics)
             self._spawn("events", self.follower.run)
         return self
+
+    def _min_covered(self) -> int | None:
+        """The smallest item-log sequence covered by a version a rollback could serve."""
+        seqs = [covered_seq(info) for info in ArtifactStore(self.config.index_root).list_versions()]
+        return None if not seqs or any(s is None for s in seqs) else min(s for s in seqs if s is not None)
+
+    def _follow_items(self) -> None:
+        cfg = self.config
+        assert cfg.kafka is not None and self.item_follower is not None
+        consumer = make_consumer(cfg.kafka, None)
+        try:
+            parts = consumer.partitions_for(cfg.topics.items) or set()
+            if len(parts) != ITEMS_PARTITIONS:
+                raise ConfigError(f"the items topic {cfg.topics.items!r} has {len(parts)} partitions; item deltas "
+                                  f"need exactly {ITEMS_PARTITIONS} (its offset is the delta sequence): recreate "
+                                  "it with one partition, or serve with --no-item-deltas")
+            consumer.assign([TopicPartition(cfg.topics.items, 0)])  # no group: the whole item log, every start
+            while not self._stop.is_set():
+                self.item_follower.poll_once(consumer, timeout_s=0.2)
+        finally:
+            consumer.close()
 
     @property
     def port(self) -> int:
@@ -248,6 +297,8 @@ class ServingApp:
                 close_loop(loop)
         if self.watcher is not None:
             self.watcher.stop()
+        if self._items_producer is not None:
+            self._items_producer.close()
         self.models.stop()
         for source in self.shadows.values():
             source.stop()
