@@ -83,6 +83,10 @@ class DeltaHandle:
     _hidden_arr: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype="<U1"))
     _hidden_labels: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
+    def __repr__(self) -> str:
+        return (f"DeltaHandle(version={self.version}, delta_seq={self.delta_seq}, base_items={self.base.size}, "
+                f"side_items={len(self.side_ids)}, hidden={len(self.hidden)})")
+
     @property
     def version(self) -> int:
         """The base version number."""

@@ -164,6 +164,11 @@ def load_handle(path: str | Path, *, verify: bool = True) -> IndexHandle:
     return IndexHandle(index=index, ids=ids, version=int(manifest["version"]), manifest=manifest, path=path)
 
 
+def _base_of(handle: object) -> object:
+    """The published handle that owns the FAISS index (a delta handle's ``base``)."""
+    return getattr(handle, "base", handle)
+
+
 class IndexHolder:
     """Holds the served :class:`IndexHandle`; swapped by one reference assignment.
 
@@ -252,9 +257,16 @@ class IndexHolder:
             for h in self._retired:
                 (free if sys.getrefcount(h) <= self._UNREFERENCED else keep).append(h)
             self._retired = keep
-        for h in free:
-            destroy_index(h.index)  # C++ delete, GIL released; the handle is unreachable
-            release_array_memory(h.ids)
+            # A delta handle (indexer.delta) shares its base's FAISS index with the handles
+            # before and after it: a base is freed only once no served or still-referenced
+            # handle is built on it.
+            in_use = {id(_base_of(h)) for h in keep}
+            if self._handle is not None:
+                in_use.add(id(_base_of(self._handle)))
+            bases = {id(b): b for b in (_base_of(h) for h in free) if id(b) not in in_use}
+        for b in bases.values():
+            destroy_index(b.index)  # C++ delete, GIL released; the handle is unreachable
+            release_array_memory(b.ids)
         n = len(free)
         self.reaped += n
         del free  # what is left to free is small

@@ -9,6 +9,13 @@ as the producer takes it); ``--events`` and ``--duration`` bound it (without eit
 kind to stdout at the end. ``replay --on-bad-line skip`` replays only the rating lines
 that pass the checks (default ``raise``: a damaged file stops the replay, naming the
 line) and prints the skipped lines per reason at the end.
+
+Item events (:mod:`streams.items`) go to the items topic, keyed by item id: ``simulate``
+announces every item that arrives mid-stream (an ``upsert`` with its features, stamped
+with the wall-clock time it goes out) just before the first event that can show it, and
+``replay`` announces each item before its first impression (in a replay every item is new
+once). The scorer applies them to the served index within a poll
+(``towerstream_item_freshness_seconds``); ``--no-item-events`` leaves them out.
 """
 
 from __future__ import annotations
@@ -22,7 +29,8 @@ from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 from streams.errors import ConfigError
 from streams.events import Event, encode_event
-from streams.topics import DEFAULT_PARTITIONS, Topics, key_for_user
+from streams.items import ItemEvent, encode_item_event, key_for_item
+from streams.topics import DEFAULT_PARTITIONS, ITEMS_PARTITIONS, Topics, key_for_user
 
 __all__ = ["register", "produce_events", "EventSink"]
 
@@ -41,7 +49,7 @@ class EventSink(Protocol):
 def produce_events(
     producer: EventSink,
     topics: Topics,
-    events: Iterable[Event],
+    events: Iterable[Event | ItemEvent],
     *,
     rate: float = 0.0,
     duration: float | None = None,
@@ -51,12 +59,14 @@ def produce_events(
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> Counter:
-    """Send ``events`` (requests to ``topics.requests``, the rest to ``topics.events``).
+    """Send ``events`` (requests to ``topics.requests``, item events to ``topics.items``,
+    the rest to ``topics.events``).
 
     Parameters
     ----------
     rate
-        Events per second of wall-clock time; 0 sends as fast as possible.
+        Events per second of wall-clock time; 0 sends as fast as possible. Item events
+        go out at once and do not count against the rate (counted as ``item``).
     duration
         Stop after this many seconds (the events iterator is left unfinished).
     counts
@@ -92,6 +102,10 @@ def produce_events(
     next_report = start + progress_every_s
     n = 0
     for event in events:
+        if isinstance(event, ItemEvent):
+            producer.send(topics.items, encode_item_event(event), key=key_for_item(event.item_id))
+            counts["item"] += 1
+            continue
         now = clock()
         if rate > 0:
             due = n / rate  # seconds after the start when this event may go out
@@ -136,6 +150,8 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
         p.add_argument("--no-create-topics", action="store_true",
                        help="do not create the requests and events topics when they are missing")
         p.add_argument("--quiet", action="store_true", help="no progress line")
+        p.add_argument("--no-item-events", action="store_true",
+                       help="send no item events (new items) to <prefix>.items")
 
     sim = sources.add_parser("simulate", help="the click simulator (planted ground truth, drift, new items)")
     common(sim)
@@ -181,19 +197,38 @@ def _simulate(args: argparse.Namespace) -> int:
     if args.drift_every is not None:
         overrides["drift_every"] = args.drift_every or None
     sim = ClickSimulator(SimulatorConfig(**overrides))
+    events: Iterable[Event | ItemEvent] = sim.events(max_events=args.events)
+    if not args.no_item_events:
+        events = _with_arrivals(sim, events)
     if args.truth_file is None:
-        return _run(args, sim.events(max_events=args.events))
+        return _run(args, events)
     with args.truth_file.open("w", buffering=1) as fh:
-        return _run(args, _with_truth(sim, sim.events(max_events=args.events), fh))
+        return _run(args, _with_truth(sim, events, fh))
 
 
-def _with_truth(sim, events: Iterable[Event], fh) -> Iterator[Event]:
+def _with_arrivals(sim, events: Iterable[Event]) -> Iterator[Event | ItemEvent]:
+    """Pass ``events`` through, announcing each item that arrived mid-stream with an
+    ``upsert`` item event (wall-clock time) before the first event generated after it."""
+    announced = sim.n_items  # the initial catalogue: the indexer learns it from the stream
+    for event in events:
+        if sim.n_items > announced:
+            for item_id in sim.item_ids()[announced:]:
+                yield ItemEvent("upsert", item_id, time.time(), sim.item_features(item_id))
+            announced = sim.n_items
+        yield event
+
+
+def _with_truth(sim, events: Iterable[Event | ItemEvent], fh) -> Iterator[Event | ItemEvent]:
     """Pass ``events`` through, writing drift points and new items' first impressions to
     ``fh`` as JSON lines stamped with the wall-clock time they go out."""
     import json
 
-    drifts_written, items_written = 0, set()
-    for n, event in enumerate(events):
+    drifts_written, items_written, n = 0, set(), -1
+    for event in events:
+        if isinstance(event, ItemEvent):
+            yield event
+            continue
+        n += 1
         while drifts_written < len(sim.drift_points) and sim.drift_points[drifts_written].event_count <= n:
             d = sim.drift_points[drifts_written]
             fh.write(json.dumps({"type": "drift", "wall_time": time.time(), "event_index": d.event_count,
@@ -226,25 +261,29 @@ def _replay(args: argparse.Namespace) -> int:
         events = islice(events, args.events)
     try:
         if args.truth_file is None:
-            return _run(args, events)
+            return _run(args, events if args.no_item_events else _first_impressions(events, None))
         with args.truth_file.open("w", buffering=1) as fh:
-            return _run(args, _first_impressions(events, fh))
+            return _run(args, _first_impressions(events, fh, item_events=not args.no_item_events))
     finally:
         if ml.skipped:
             _report_skipped(ml)
 
 
-def _first_impressions(events: Iterable[Event], fh) -> Iterator[Event]:
-    """Pass ``events`` through, writing each item's first impression to ``fh`` (a ``new_item``
-    line stamped with the wall-clock time it goes out): in a replay every item is new once."""
+def _first_impressions(events: Iterable[Event], fh, *, item_events: bool = True) -> Iterator[Event | ItemEvent]:
+    """Pass ``events`` through; before each item's first impression announce it (an
+    ``upsert`` item event, when ``item_events``) and write a ``new_item`` line stamped with
+    the wall-clock time to ``fh`` (if given): in a replay every item is new once."""
     import json
 
     seen: set[str] = set()
     for event in events:
         if event.kind == "impression" and event.item_id not in seen:
             seen.add(event.item_id)
-            fh.write(json.dumps({"type": "new_item", "item_id": event.item_id, "wall_time": time.time(),
-                                 "event_time": event.event_time}) + "\n")
+            if item_events:
+                yield ItemEvent("upsert", event.item_id, time.time(), dict(event.item_features))
+            if fh is not None:
+                fh.write(json.dumps({"type": "new_item", "item_id": event.item_id, "wall_time": time.time(),
+                                     "event_time": event.event_time}) + "\n")
         yield event
 
 
@@ -274,7 +313,8 @@ def _run(args: argparse.Namespace, events: Iterable[Event]) -> int:
         settings = KafkaSettings(args.bootstrap_servers, settings.client, settings.options)
     topics = Topics(prefix=args.topic_prefix)
     if not args.no_create_topics:
-        ensure_topics(settings, {topics.requests: DEFAULT_PARTITIONS, topics.events: DEFAULT_PARTITIONS})
+        ensure_topics(settings, {topics.requests: DEFAULT_PARTITIONS, topics.events: DEFAULT_PARTITIONS,
+                                 topics.items: ITEMS_PARTITIONS})
     producer = make_producer(settings)
     counts: Counter = Counter()
     progress = None if args.quiet else _progress_line
@@ -305,3 +345,5 @@ def _report(counts: Counter, topics: Topics, *, progress_shown: bool, interrupte
           f"(requests -> {topics.requests}; impressions, clicks -> {topics.events}):")
     for kind in ("request", "impression", "click"):
         print(f"  {kind}: {counts.get(kind, 0)}")
+    if counts.get("item"):
+        print(f"  item events -> {topics.items}: {counts['item']}")
