@@ -57,6 +57,8 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p.add_argument("--batch-nice", type=int, default=10, metavar="N",
                    help="niceness of learners, indexer and producer, so the scorer gets the CPU first "
                         "(0..19, default 10; 0: all equal)")
+    p.add_argument("--no-item-deltas", action="store_true",
+                   help="no item events: new items become retrievable only with the next full rebuild")
     p.set_defaults(func=_demo)
 
     b = subparsers.add_parser("bench", help="run benchmarks/*.py and write BENCHMARKS.md",
@@ -84,7 +86,8 @@ def _demo(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     config = DemoConfig(out=out, duration_s=args.duration, rate=args.rate, seed=args.seed, replay=args.replay,
                         bootstrap_servers=args.bootstrap_servers, report=not args.no_report,
-                        index_learner=args.index_learner, batch_nice=args.batch_nice)
+                        index_learner=args.index_learner, batch_nice=args.batch_nice,
+                        item_deltas=not args.no_item_deltas)
     return Demo(config, stream=sys.stderr).run()
 
 

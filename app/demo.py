@@ -10,7 +10,9 @@ topics, and runs every towerstream process as a child of its own:
 * ``towerstream index run`` on the IntTower checkpoint, building every 10 s (started
   once that checkpoint exists);
 * ``towerstream serve`` answering the simulated requests (started with the learners; it
-  holds requests until a checkpoint and an index version exist).
+  holds requests until a checkpoint and an index version exist), and applying the
+  producer's item events (new items) to the served index between rebuilds
+  (``--no-item-deltas``: new items wait for a rebuild).
 
 The producer starts once every learner and the scorer answer on their metrics port, so
 the stream does not pile up behind slow start-ups (torch imports).
@@ -103,6 +105,9 @@ class DemoConfig:
         Niceness of the batch work (learners, indexer, producer) relative to the scorer and
         the broker, which answer requests: on a shared machine the kernel then gives the
         request path the CPU first, as a cgroup CPU weight would in production (0: all equal).
+    item_deltas
+        The producer announces new items on ``<prefix>.items`` and the scorer applies them
+        to the served index between rebuilds (False: new items wait for a rebuild).
     """
 
     out: Path
@@ -121,6 +126,7 @@ class DemoConfig:
     drift_every: int | None = None
     new_item_rate: float | None = None
     batch_nice: int = 10
+    item_deltas: bool = True
 
     def __post_init__(self) -> None:
         if self.duration_s <= 0:
@@ -355,7 +361,7 @@ class Demo:
         else:
             self.prefix = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
         self._write_pids()
-        from streams.topics import DEFAULT_PARTITIONS, Topics
+        from streams.topics import DEFAULT_PARTITIONS, ITEMS_PARTITIONS, Topics
         from streams.transport import KafkaSettings, ensure_topics, make_consumer
 
         settings = KafkaSettings.from_env(default_bootstrap=self.bootstrap)
@@ -363,7 +369,7 @@ class Demo:
         topics = Topics(prefix=self.prefix)
         ensure_topics(settings, {topics.events: DEFAULT_PARTITIONS, topics.requests: DEFAULT_PARTITIONS,
                                  topics.rankings: DEFAULT_PARTITIONS, topics.dead_letter: DEFAULT_PARTITIONS,
-                                 topics.index_control: 1})
+                                 topics.index_control: 1, topics.items: ITEMS_PARTITIONS})
         self.topics = topics
         self._offsets = make_consumer(settings, None)
         self._partitions = self._topic_partitions([topics.events, topics.requests])
@@ -398,6 +404,8 @@ class Demo:
         cfg = self.config
         common = ["--bootstrap-servers", self.bootstrap, "--topic-prefix", self.prefix, "--rate", f"{cfg.rate:g}",
                   "--duration", f"{cfg.duration_s:g}", "--no-create-topics", "--quiet"]
+        if not cfg.item_deltas:
+            common.append("--no-item-events")
         if cfg.replay is not None:
             return self._base("produce", "replay", *common, "--path", str(cfg.replay), "--on-bad-line", "skip",
                               "--requests", "--truth-file", str(self.out / "truth.jsonl"))
@@ -422,7 +430,8 @@ class Demo:
                           "--score-batch", "16",
                           # each reload unpickles and rebuilds the model on the CPU the requests
                           # need; the index (the other half of an answer) moves every period anyway
-                          "--checkpoint-poll", f"{self.config.index_period_s:g}")
+                          "--checkpoint-poll", f"{self.config.index_period_s:g}",
+                          *(() if self.config.item_deltas else ("--no-item-deltas",)))
 
     def _start(self, name: str, cmd: list[str], port: int | None = None) -> Child:
         log = self.out / "logs" / f"{name}.log"

@@ -198,8 +198,26 @@ class DeltaLog:
         """
         after = 0 if covered_seq is None else covered_seq
         handle = DeltaHandle(base=base, delta_seq=max(after, 0), encode_items=encode_items)
+        self._record_covered(base, after)
         todo = [e for e in self._entries if e.seq > after]
         return self._build(handle, todo, record=True) if todo else handle
+
+    def _record_covered(self, base: IndexHandle, covered: int) -> None:
+        """Upserts the new base covers that no delta served yet (they arrived before this
+        process could apply them, e.g. before the first version): they become retrievable
+        now, with the base, and are counted so, not left out of the freshness samples."""
+        fresh = [e.event for e in self._entries
+                 if self._recorded_seq < e.seq <= covered and e.event.op == "upsert"]
+        if not fresh:
+            return
+        in_base = np.isin(np.array([ev.item_id for ev in fresh], dtype=str), base.ids)
+        now = self._clock()
+        for ev, ok in zip(fresh, in_base):
+            if ok:
+                self.freshness_s.append(now - ev.event_time)
+                if self._on_fresh is not None:
+                    self._on_fresh(ev.item_id, now - ev.event_time)
+        self._recorded_seq = max(self._recorded_seq, covered)
 
     def append(self, events: Sequence[ItemEvent], seqs: Sequence[int] | None = None) -> int:
         """Log ``events``; returns the last sequence number.

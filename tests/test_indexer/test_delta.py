@@ -272,3 +272,28 @@ def test_follower_applies_items_from_kafka_dead_letters_bad_ones_and_survives_a_
     letter = decode_dead_letter(got[0].value)
     assert letter.reason == "invalid_item_event" and letter.original_value == b'{"op": "upsert"}'
     assert "item_id" in letter.message or "event_time" in letter.message or "op" in letter.message
+
+
+def test_items_a_rebuild_covered_first_are_counted_fresh_at_the_swap_once():
+    """An upsert logged before any version, then covered by the first build: its freshness
+    is the moment that base is served, recorded once (a later rebase does not count it again)."""
+    records = _records(50)
+    clock = iter([100.0, 200.0, 300.0]).__next__
+    dl = DeltaLog(TOWER.encode_items, clock=clock)
+    dl.append([ItemEvent("upsert", records[0]["item_id"], 99.0, records[0]["features"]),
+               ItemEvent("upsert", "not-in-the-build", 99.5, {"topic": "t1"})], seqs=[1, 2])
+    h = dl.rebase(_base(records, 1), covered_seq=2)  # the build covered both; only one is in it
+    assert h.delta_seq == 2 and not len(h.side_ids)
+    assert dl.freshness_s == [1.0]  # 100 - 99: retrievable from the swap on
+    dl.rebase(_base(records, 2), covered_seq=2)
+    assert dl.freshness_s == [1.0]
+
+
+def test_explicit_sequences_skip_redelivered_events_and_trim_keeps_the_rest():
+    dl = DeltaLog(TOWER.encode_items)
+    dl.append([ItemEvent("upsert", "a", 0.0), ItemEvent("upsert", "b", 0.0)], seqs=[5, 6])
+    dl.append([ItemEvent("upsert", "b", 0.0), ItemEvent("retire", "a", 0.0)], seqs=[6, 7])  # 6 again: skipped
+    assert (dl.seq, len(dl), dl.first_seq) == (7, 3, 5)
+    assert dl.trim(5) == 1 and (len(dl), dl.first_seq) == (2, 6)
+    with pytest.raises(ValueError, match="2 events but 1 sequence"):
+        dl.append([ItemEvent("upsert", "c", 0.0), ItemEvent("upsert", "d", 0.0)], seqs=[8])
