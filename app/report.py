@@ -180,22 +180,49 @@ def freshness(run: RunData) -> dict[str, Any]:
     return out
 
 
-def delta_freshness(run: RunData) -> dict[str, Any]:
-    """Item event -> retrievable through the scorer's item deltas (its histogram, last scrape)."""
-    sc = run.final("scorer")
+def _freshness_buckets(m: dict[str, float]) -> list[tuple[float, float]]:
     head = "towerstream_item_freshness_seconds_bucket{"
-    buckets = sorted((float(k.split('le="', 1)[1].split('"', 1)[0]), v) for k, v in sc.items() if k.startswith(head))
-    count = sc.get("towerstream_item_freshness_seconds_count")
-    if not buckets or not count:
+    return sorted((float(k.split('le="', 1)[1].split('"', 1)[0]), v) for k, v in m.items() if k.startswith(head))
+
+
+def _freshness_stats(buckets: list[tuple[float, float]], total_s: float, budget: float) -> dict[str, Any]:
+    count = buckets[-1][1] if buckets else 0.0
+    if not count:
+        return {"items": 0.0}
+    within = next((c for le, c in buckets if abs(le - budget) < 1e-9), None)
+    return {"items": count, "mean_s": total_s / count, "within_budget": None if within is None else within / count,
+            **{f"p{int(q * 100)}_s": histogram_quantile(q, buckets) for q in (0.5, 0.9, 0.99)}}
+
+
+def delta_freshness(run: RunData) -> dict[str, Any]:
+    """Item event -> retrievable through the scorer's item deltas, from its histogram.
+
+    ``all``: every item, from the last scrape (items announced before the scorer served any
+    version count from their event to that first version). ``steady``: the items counted
+    after the first scrape in which the scorer served a version (the difference of the two
+    cumulative histograms), i.e. the delta path itself once an index exists.
+    """
+    sc = run.final("scorer")
+    buckets = _freshness_buckets(sc)
+    if not buckets or not sc.get("towerstream_item_freshness_seconds_count"):
         return {"available": False, "reason": "the scorer applied no item delta (item events off, or none arrived)"}
     budget = sc.get("towerstream_item_freshness_budget_seconds", 2.0)
-    within = next((c for le, c in buckets if abs(le - budget) < 1e-9), None)
-    return {"available": True, "items": count, "budget_s": budget,
-            "mean_s": sc.get("towerstream_item_freshness_seconds_sum", 0.0) / count,
-            "within_budget": None if within is None else within / count,
-            "refused": sc.get("towerstream_index_delta_refused_total", 0.0),
-            "delta_seq": sc.get("towerstream_index_delta_seq"),
-            **{f"p{int(q * 100)}_s": histogram_quantile(q, buckets) for q in (0.5, 0.9, 0.99)}}
+    total = sc.get("towerstream_item_freshness_seconds_sum", 0.0)
+    out: dict[str, Any] = {"available": True, "budget_s": budget,
+                           "refused": sc.get("towerstream_index_delta_refused_total", 0.0),
+                           "delta_seq": sc.get("towerstream_index_delta_seq"),
+                           **_freshness_stats(buckets, total, budget)}
+    first = next((s for s in run.samples
+                  if math.isfinite((s.get("metrics", {}).get("scorer") or {}).get("towerstream_index_version",
+                                                                                  math.nan))), None)
+    if first is not None:
+        m0 = first["metrics"]["scorer"]
+        before = dict(_freshness_buckets(m0))
+        diff = [(le, c - before.get(le, 0.0)) for le, c in buckets]
+        out["steady"] = {"from_s": first["t"] - run.t0,
+                         **_freshness_stats(diff, total - m0.get("towerstream_item_freshness_seconds_sum", 0.0),
+                                            budget)}
+    return out
 
 
 LATENCY_STAGES: tuple[str, ...] = ("fetch", "queue", "encode", "retrieve", "prerank", "total", "end_to_end")
@@ -775,14 +802,20 @@ def _markdown(run: RunData, s: dict[str, Any]) -> str:
     lines += ["## Index freshness", ""]
     fd = s.get("freshness_deltas") or {}
     if fd.get("available"):
-        within = fd.get("within_budget")
-        lines += [f"**Item deltas** (the scorer applies each item event to the served version between rebuilds): "
-                  f"{fd['items']:.0f} new items became retrievable p50 {_n(fd.get('p50_s'), '.2f')} s, p90 "
-                  f"{_n(fd.get('p90_s'), '.2f')} s, p99 {_n(fd.get('p99_s'), '.2f')} s after their item event "
-                  f"(mean {_n(fd.get('mean_s'), '.2f')} s; budget {fd['budget_s']:g} s"
-                  + (f", {within:.1%} within it" if within is not None else "")
-                  + f"; {fd['refused']:.0f} deltas refused). Quantiles are read from the "
-                  "`towerstream_item_freshness_seconds` histogram, as the dashboard reads them.", ""]
+        def fresh_line(d: dict[str, Any]) -> str:
+            within = d.get("within_budget")
+            return (f"{d['items']:.0f} items, p50 {_n(d.get('p50_s'), '.2f')} s, p90 {_n(d.get('p90_s'), '.2f')} s, "
+                    f"p99 {_n(d.get('p99_s'), '.2f')} s, mean {_n(d.get('mean_s'), '.2f')} s"
+                    + (f", {within:.1%} within the {fd['budget_s']:g} s budget" if within is not None else ""))
+        lines += ["**Item deltas**: the producer announces each new item on the items topic and the scorer applies "
+                  "it to the served version between rebuilds (embedded with that version's frozen item tower). "
+                  "From the item event to the moment the scorer serves it (the `towerstream_item_freshness_seconds` "
+                  f"histogram, quantiles read as the dashboard reads them; {fd['refused']:.0f} deltas refused):", ""]
+        st = fd.get("steady") or {}
+        if st.get("items"):
+            lines.append(f"- once the scorer served an index ({_n(st.get('from_s'), '.0f')} s after the start): "
+                         + fresh_line(st))
+        lines += ["- every new item, those announced before any index existed included: " + fresh_line(fd), ""]
     else:
         lines += [f"Item deltas: not measured ({fd.get('reason', 'no scorer metrics')}).", ""]
     lines += ["**Full rebuilds** (what freshness would be without deltas):", ""]

@@ -119,6 +119,12 @@ def test_demo_runs_reports_and_leaves_nothing_running(tmp_path, local_broker_con
     assert [o["claim"] for o in summary["ordering"]] == ["two-tower > lr", "lr > ctr", "inttower >= two-tower"]
     truth = [json.loads(line) for line in (run / "truth.jsonl").read_text().splitlines()]
     assert any(r["type"] == "drift" for r in truth), "a 40 s run at 500/s should pass a drift point"
+    # New items reach the scorer as item events and are served as deltas, each counted once.
+    new_items = sum(r["type"] == "new_item" for r in truth)
+    fd = summary["freshness_deltas"]
+    assert new_items > 0 and fd["available"], fd
+    assert 0 < fd["items"] <= fd["delta_seq"] and fd["refused"] == 0  # delta_seq: item events on the topic
+    assert "**Item deltas**" in text
     _assert_nothing_left(run)
 
 
@@ -290,6 +296,9 @@ def test_a_movielens_replay_runs_every_process_and_ends_committed_and_indexed(tm
     distinct_items = len({line.split("\t")[1] for line in (tmp_path / "ml-slice" / "u.data").read_text().splitlines()})
     assert summary["freshness"]["available"] and summary["freshness"]["new_items"] == distinct_items
     assert summary["freshness"]["indexed"] > 0
+    # each replayed item was announced as an item event before its first rating
+    assert summary["freshness_deltas"]["available"]
+    assert 0 < summary["freshness_deltas"]["items"] <= distinct_items
 
     text = (run / "report.md").read_text()
     assert "## Retrieval" in text and "(retrieval.png)" in text
