@@ -58,6 +58,7 @@ def produce_events(
     progress_every_s: float = 0.5,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
+    requests_producer: EventSink | None = None,
 ) -> Counter:
     """Send ``events`` (requests to ``topics.requests``, item events to ``topics.items``,
     the rest to ``topics.events``).
@@ -74,6 +75,9 @@ def produce_events(
         Ctrl-C still knows what went out); a new Counter when ``None``.
     progress
         Called with ``(counts, elapsed seconds)`` about every ``progress_every_s``.
+    requests_producer
+        Sends the requests instead of ``producer`` (e.g. one without a batching linger:
+        a scorer's answer time starts at the request's timestamp); flushed too.
 
     Returns
     -------
@@ -98,6 +102,7 @@ def produce_events(
         raise ConfigError(f"duration must be >= 0 seconds, got {duration}")
     counts = Counter() if counts is None else counts
     req_topic, ev_topic = topics.requests, topics.events
+    req_sink = producer if requests_producer is None else requests_producer
     start = clock()
     next_report = start + progress_every_s
     n = 0
@@ -116,14 +121,18 @@ def produce_events(
                 now = clock()
         if duration is not None and now - start >= duration:
             break
-        producer.send(req_topic if event.kind == "request" else ev_topic, encode_event(event),
-                      key=key_for_user(event.user_id))
+        if event.kind == "request":
+            req_sink.send(req_topic, encode_event(event), key=key_for_user(event.user_id))
+        else:
+            producer.send(ev_topic, encode_event(event), key=key_for_user(event.user_id))
         counts[event.kind] += 1
         n += 1
         if progress is not None and now >= next_report:
             progress(counts, now - start)
             next_report = now + progress_every_s
     producer.flush()
+    if req_sink is not producer:
+        req_sink.flush()
     if progress is not None:
         progress(counts, clock() - start)
     return counts
@@ -316,17 +325,20 @@ def _run(args: argparse.Namespace, events: Iterable[Event]) -> int:
         ensure_topics(settings, {topics.requests: DEFAULT_PARTITIONS, topics.events: DEFAULT_PARTITIONS,
                                  topics.items: ITEMS_PARTITIONS})
     producer = make_producer(settings)
+    requests_producer = make_producer(settings, linger_ms=0)  # a request's answer time starts at its send
     counts: Counter = Counter()
     progress = None if args.quiet else _progress_line
     try:
         produce_events(producer, topics, events, rate=args.rate, duration=args.duration, counts=counts,
-                       progress=progress)
+                       progress=progress, requests_producer=requests_producer)
     except KeyboardInterrupt:
         producer.flush(timeout=10)
+        requests_producer.flush(timeout=10)
         _report(counts, topics, progress_shown=progress is not None, interrupted=True)
         raise
     finally:
         producer.close()
+        requests_producer.close()
     _report(counts, topics, progress_shown=progress is not None)
     return 0
 

@@ -21,6 +21,9 @@ from typing import Any, Literal, Mapping
 
 import orjson
 
+from streams.errors import EventValidationError
+from streams.events import _features
+
 __all__ = ["ItemEvent", "ItemEventError", "encode_item_event", "decode_item_event", "key_for_item"]
 
 ItemOp = Literal["upsert", "retire"]
@@ -90,7 +93,8 @@ def decode_item_event(raw: bytes | None) -> ItemEvent:
     t = obj.get("event_time")
     if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
         raise ItemEventError(f"item event {item_id}: event_time {t!r} is not a finite number")
-    features = obj.get("features", {})
-    if not isinstance(features, dict):
-        raise ItemEventError(f"item event {item_id}: features must be an object")
+    try:  # the click events' feature rules: strings, finite numbers, lists of strings (as tuples)
+        features = _features(obj, "features")
+    except EventValidationError as exc:
+        raise ItemEventError(f"item event {item_id}: {exc}") from None
     return ItemEvent(op=op, item_id=item_id, event_time=float(t), features=features)

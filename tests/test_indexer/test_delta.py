@@ -140,6 +140,7 @@ def test_nan_delta_refused_with_count_and_log(caplog):
     (b'{"op": "upsert", "item_id": "", "event_time": 1}', "item_id"),
     (b'{"op": "upsert", "item_id": "a", "event_time": "x"}', "event_time"),
     (b'{"op": "upsert", "item_id": "a", "event_time": 1, "features": [1]}', "features"),
+    (b'{"op": "upsert", "item_id": "a", "event_time": 1, "features": {"tags": [1, 2]}}', "features.tags"),
     (None, "tombstone"),
 ])
 def test_bad_item_records_raise_a_clear_reason(raw, reason):

@@ -58,6 +58,32 @@ def test_routing_keys_and_counts():
         assert decode_event(value) == event
 
 
+def test_item_events_go_to_the_items_topic_and_requests_to_their_own_producer():
+    from streams._produce_cli import _with_arrivals
+    from streams.items import decode_item_event, key_for_item
+
+    sim = ClickSimulator(SimulatorConfig(seed=5, n_users=200, n_items=100, slate_size=5, new_item_rate=0.01))
+    initial = sim.n_items
+    sink, req_sink = ListSink(), ListSink()
+    counts = produce_events(sink, Topics("t1"), _with_arrivals(sim, sim.events(max_events=3000)),
+                            requests_producer=req_sink)
+    arrived = sim.item_ids()[initial:]
+    items = [(decode_item_event(v), k) for t, v, k in sink.sent if t == "t1.items"]
+    assert arrived and [e.item_id for e, _ in items] == arrived  # each arrival announced once, in order
+    assert all(e.op == "upsert" and k == key_for_item(e.item_id) and e.features == sim.item_features(e.item_id)
+               for e, k in items)
+    assert counts["item"] == len(arrived)
+    assert {t for t, _, _ in req_sink.sent} == {"t1.requests"} and len(req_sink.sent) == counts["request"]
+    assert {t for t, _, _ in sink.sent} == {"t1.events", "t1.items"} and req_sink.flushes == 1
+    # an item is announced before any event that shows it
+    first_shown = {}
+    for n, (t, v, _) in enumerate(sink.sent):
+        if t == "t1.events":
+            first_shown.setdefault(decode_event(v).item_id, n)
+    announced = {decode_item_event(v).item_id: n for n, (t, v, _) in enumerate(sink.sent) if t == "t1.items"}
+    assert all(announced[i] < first_shown[i] for i in announced if i in first_shown)
+
+
 def test_rate_paces_in_wall_clock_time():
     clock = FakeClock()
     events = ClickSimulator(SIM).events(max_events=201)
