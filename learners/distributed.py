@@ -8,11 +8,19 @@ here keep numpy state), and:
   (:func:`assign_partitions`), read with ``assign()``, no consumer-group rebalancing;
   fewer partitions than ranks is a :class:`~streams.errors.ConfigError`;
 * **one model, synchronous steps** -- every rank starts from rank 0's state; each step a
-  rank predicts then learns its own micro-batch, then one all-reduce sums every rank's
-  change of the learner's ``sync_arrays()`` and each rank applies the sum, so all ranks
-  hold bitwise the same model after every step. For SGD logistic regression without L2
-  this *is* one SGD step on the union of the ranks' batches (gradients add); for FTRL the
-  accumulators ``z`` and ``n`` add the same way;
+  rank predicts its own micro-batch and, with the learner in deferred mode
+  (``defer_updates()``), only computes that batch's gradient; one all-reduce sums the
+  ranks' gradients (a second ORs the touched-coordinate masks where the update needs
+  them: SGD with L2), and every rank applies the one optimizer step
+  (``apply_update``), so all ranks hold bitwise the same model after every step. That is
+  one ``learn_many`` on the union of the ranks' batches, up to the order of the
+  floating-point sums: SGD's L2 shrinks each touched weight once (not once per rank that
+  touched it), FTRL's ``n`` grows by the square of the summed gradient as in one process.
+  (The fallback for a learner with only ``sync_arrays()`` sums each rank's *change* of
+  those arrays instead; that equals the union step only where the update is linear in
+  the gradient. It is how lr was synced before: it shrank a weight by SGD's L2 once per
+  touching rank, and summed FTRL's ``n`` increments as ``sum(g_r**2)`` over ranks rather
+  than ``(sum(g_r))**2``, with the matching ``sigma`` terms.)
 * **one coherent checkpoint** -- at a checkpoint step (agreed through the same
   all-reduce) the ranks gather their offsets, rank 0 writes one ordinary checkpoint with
   the model and every partition's next offset (atomic, fsync'ed), all ranks pass a
@@ -139,6 +147,10 @@ def model_digest(arrays: Sequence[np.ndarray]) -> str:
     return h.hexdigest()
 
 
+def _by_gradient(learner: Any) -> bool:
+    return all(callable(getattr(learner, name, None)) for name in ("defer_updates", "pending_update", "apply_update"))
+
+
 def _check_learner(learner: Any) -> None:
     if not callable(getattr(learner, "sync_arrays", None)):
         raise ConfigError(
@@ -190,6 +202,9 @@ class DistributedLearnerRuntime:
         self.work = {"steps": 0, "events": 0, "wall_s": 0.0, "cpu_s": 0.0, "comm_s": 0.0, "allreduce_s": 0.0}
         self.resumed = False
         self._resume()
+        self.by_gradient = _by_gradient(learner)  # else: summed deltas of sync_arrays()
+        if self.by_gradient:
+            learner.defer_updates()
 
     # ------------------------------------------------------------------ state
 
@@ -218,28 +233,45 @@ class DistributedLearnerRuntime:
     def _arrays(self) -> list[np.ndarray]:
         return list(self.learner.sync_arrays())
 
-    def _sync(self, before: list[np.ndarray], n_before: int, control: list[float]) -> np.ndarray:
-        """All-reduce (sum) every rank's change of the synced arrays and the control
-        counters in one call; apply the summed change. Returns the summed control."""
+    def _sync(self, before: list[np.ndarray] | None, n_before: int, control: list[float]) -> np.ndarray:
+        """One synchronous update of the model from every rank's step, and the control
+        counters summed in the same all-reduce. Returns the summed control.
+
+        By gradient (the learner is in deferred mode): sum the ranks' pending gradients,
+        OR their touched masks where the learner needs them, and apply one step. Otherwise:
+        sum every rank's change of the synced arrays since ``before`` and apply the sum."""
         t0 = time.perf_counter()
-        arrays = self._arrays()
-        parts = [a - b for a, b in zip(arrays, before)]
-        flat = np.concatenate([p.ravel() for p in parts] + [np.asarray(control, dtype=np.float64)])
-        tensor = torch.from_numpy(flat)
+        ctl = np.asarray(control, dtype=np.float64)
+        nbytes = 0
+        if self.by_gradient:
+            grad, touched = self.learner.pending_update()
+            flat = np.concatenate([grad.ravel(), ctl])
+        else:
+            arrays = self._arrays()
+            flat = np.concatenate([(a - b).ravel() for a, b in zip(arrays, before)] + [ctl])
         t_ar = time.perf_counter()
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        dist.all_reduce(torch.from_numpy(flat), op=dist.ReduceOp.SUM)
+        if self.by_gradient and touched is not None:
+            packed = np.packbits(touched.ravel())
+            dist.all_reduce(torch.from_numpy(packed), op=dist.ReduceOp.BOR)
+            nbytes += packed.nbytes
         self.allreduce_s += time.perf_counter() - t_ar
-        i = 0
-        for a, b in zip(arrays, before):
-            np.add(b, flat[i:i + a.size].reshape(a.shape), out=a)
-            i += a.size
-        total = flat[i:].copy()
+        if self.by_gradient:
+            union = None if touched is None else np.unpackbits(packed, count=touched.size).view(bool)
+            self.learner.apply_update(flat[:grad.size].reshape(grad.shape), union)
+            total = flat[grad.size:].copy()
+        else:
+            i = 0
+            for a, b in zip(arrays, before):
+                np.add(b, flat[i:i + a.size].reshape(a.shape), out=a)
+                i += a.size
+            total = flat[i:].copy()
+            after = getattr(self.learner, "after_sync", None)
+            if callable(after):
+                after()
         if hasattr(self.learner, "n_learned"):
             self.learner.n_learned = n_before + int(total[0])
-        after = getattr(self.learner, "after_sync", None)
-        if callable(after):
-            after()
-        self.bytes_per_step = flat.nbytes
+        self.bytes_per_step = flat.nbytes + nbytes
         self.comm_s += time.perf_counter() - t0
         return total
 
@@ -406,7 +438,7 @@ class DistributedLearnerRuntime:
                 events = self._take(buffers, k)
                 imps = [e for e in events if e.kind == "impression"]
                 self._skipped += len(events) - len(imps)
-                before = [a.copy() for a in self._arrays()]
+                before = None if self.by_gradient else [a.copy() for a in self._arrays()]
                 n_before = int(getattr(self.learner, "n_learned", 0))
                 if imps:
                     xs = [event_to_x(e) for e in imps]

@@ -108,6 +108,8 @@ class HashedLogisticRegression:
             self._z = np.zeros(size)
             self._n = np.zeros(size)
         self._slot = np.zeros(size, dtype=np.int64)  # scratch for de-duplicating coordinates
+        self._pending: np.ndarray | None = None  # deferred mode: the summed gradient not yet applied
+        self._touched: np.ndarray | None = None  # deferred mode: the coordinates it touched
         self.n_learned = 0
 
     @property
@@ -150,6 +152,15 @@ class HashedLogisticRegression:
         first = np.flatnonzero(rep == pos)
         g = np.append(np.bincount(rep, weights=g_entry, minlength=len(cols))[first], err.sum())
         uc = np.append(cols[first], self._bias)
+        if self._pending is None:
+            self._step(uc, g)
+        else:  # deferred (learners.distributed): keep the gradient, the model waits for apply_update
+            self._pending[uc] += g
+            self._touched[uc] = True
+        self.n_learned += len(p)
+
+    def _step(self, uc: np.ndarray, g: np.ndarray) -> None:
+        """One optimizer step on the distinct coordinates ``uc`` with their summed gradient ``g``."""
         w_u = self._w[uc]
         if self.optimizer == "ftrl":
             n_u = self._n[uc]
@@ -160,7 +171,6 @@ class HashedLogisticRegression:
             self._w[uc] = self._ftrl_weights(z_new, n_new)
         else:
             self._w[uc] = w_u - self.lr * (g + self.l2 * w_u)
-        self.n_learned += len(p)
 
     # -- the learner interface -------------------------------------------------------------
 
@@ -208,14 +218,48 @@ class HashedLogisticRegression:
     # -- distributed sync hooks (learners.distributed) ------------------------------------
 
     def sync_arrays(self) -> list[np.ndarray]:
-        """The live arrays ranks of one model keep equal (summed deltas after each step):
-        ``w`` for SGD, the accumulators ``z`` and ``n`` for FTRL (``w`` follows them)."""
+        """The live arrays that are the model (ranks compare their digests): ``w`` for SGD,
+        the accumulators ``z`` and ``n`` for FTRL (``w`` follows them). learners.distributed
+        syncs this learner by gradients (:meth:`defer_updates`), not by these arrays' deltas."""
         return [self._z, self._n] if self.optimizer == "ftrl" else [self._w]
 
     def after_sync(self) -> None:
         """Recompute what follows the synced arrays (FTRL's weights from ``z`` and ``n``)."""
         if self.optimizer == "ftrl":
             self._w[:] = self._ftrl_weights(self._z, self._n)
+
+    def defer_updates(self) -> None:
+        """Deferred mode, for data-parallel training (learners.distributed): from now on a
+        learning call only adds its batch's gradient (summed per coordinate, without L2) to
+        a pending gradient and marks the coordinates it touched; the model changes only in
+        :meth:`apply_update`. Call one learning method per step: gradients of two calls
+        between applies are both taken at the same weights."""
+        if self._pending is None:
+            self._pending = np.zeros_like(self._w)
+            self._touched = np.zeros(self._w.shape, dtype=bool)
+
+    def pending_update(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """Deferred mode: ``(gradient, touched)`` since the last apply. ``touched`` is ``None``
+        where the update of a coordinate with zero summed gradient is no update (FTRL; SGD
+        without L2): then the gradient's non-zeros say all. Ranks sum the gradients and OR
+        the masks, then each calls :meth:`apply_update` with the results."""
+        if self._pending is None:
+            raise RuntimeError("pending_update() needs defer_updates() first")
+        needs_mask = self.optimizer == "sgd" and self.l2 > 0
+        return self._pending, (self._touched if needs_mask else None)
+
+    def apply_update(self, gradient: np.ndarray, touched: np.ndarray | None = None) -> None:
+        """Deferred mode: one optimizer step with ``gradient`` (per coordinate, e.g. summed
+        over ranks) on the coordinates ``touched`` (default: the gradient's non-zeros), as
+        one ``learn_many`` on the union of the batches would take it (up to the order of
+        the floating-point sums): FTRL's ``n`` grows by the square of the summed gradient,
+        SGD's L2 shrinks each touched weight once. Clears the pending gradient."""
+        if self._pending is None:
+            raise RuntimeError("apply_update() needs defer_updates() first")
+        uc = np.flatnonzero(gradient if touched is None else touched)
+        self._step(uc, gradient[uc])
+        self._pending[:] = 0.0
+        self._touched[:] = False
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"spec": self.spec, "n_learned": self.n_learned}
