@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from indexer.service import IndexerMetrics
 from learners.runtime import RuntimeStats
+from indexer.freshness import FreshnessMetrics
 from serving.metrics import IndexerStatsCollector, LearnerStatsCollector, Metrics, metric_names
 from streams.transport import TopicPartition
 
@@ -55,6 +56,7 @@ def exported_names() -> set[str]:
     """Every name the scorer, a learner and the indexer export (real metrics module, real stats types)."""
     scorer, learner, indexer = CollectorRegistry(), CollectorRegistry(), CollectorRegistry()
     Metrics(registry=scorer)
+    FreshnessMetrics(scorer)  # the scorer's item-delta follower (serving.app)
     stats = RuntimeStats(
         group_id="g", learner="ctr", events_learned=10, events_learned_run=10, events_per_s=1.0,
         events_per_s_run=1.0, records=12, skipped=1, dead_lettered=1, duplicates=0,

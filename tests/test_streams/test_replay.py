@@ -362,7 +362,11 @@ def test_cli_on_bad_line_flag(tmp_path, monkeypatch, capsys):
     assert sent == []
     args = _parse_cli(["produce", "replay", "--path", str(path), "--on-bad-line", "skip"])
     assert args.func(args) == 0
-    assert Counter(e.kind for e in sent) == {"impression": 2, "click": 2}
+    assert Counter(getattr(e, "kind", "item event") for e in sent) == {"impression": 2, "click": 2, "item event": 2}
+    shown = [e.item_id for e in sent if getattr(e, "kind", None) == "impression"]
+    assert [e.item_id for e in sent if not hasattr(e, "kind")] == list(dict.fromkeys(shown))  # once, in order
+    first = {i: next(n for n, e in enumerate(sent) if getattr(e, "item_id", None) == i) for i in set(shown)}
+    assert all(not hasattr(sent[n], "kind") for n in first.values())  # announced before it is shown
     out = capsys.readouterr().out
     assert "skipped 2 bad lines of u.data" in out
     assert "  empty_rating: 1" in out and "  unknown_user_id: 1" in out
