@@ -82,6 +82,7 @@ class DeltaHandle:
     encode_items: "ItemEncoder | None" = None  # the base's frozen item tower (None: the log's)
     _hidden_arr: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype="<U1"))
     _hidden_labels: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    _rows: dict[str, int] | None = None  # base id -> FAISS label, built once per base, shared by its handles
 
     def __repr__(self) -> str:
         return (f"DeltaHandle(version={self.version}, delta_seq={self.delta_seq}, base_items={self.base.size}, "
@@ -197,7 +198,8 @@ class DeltaLog:
         base's own frozen item tower (None: this log's default).
         """
         after = 0 if covered_seq is None else covered_seq
-        handle = DeltaHandle(base=base, delta_seq=max(after, 0), encode_items=encode_items)
+        handle = DeltaHandle(base=base, delta_seq=max(after, 0), encode_items=encode_items,
+                             _rows={item: row for row, item in enumerate(base.ids.tolist())})
         self._record_covered(base, after)
         todo = [e for e in self._entries if e.seq > after]
         return self._build(handle, todo, record=True) if todo else handle
@@ -311,11 +313,13 @@ class DeltaLog:
             raise ValueError(f"delta vectors have dimension {side_vecs.shape[1]}, the index {handle.dim}")
         seq = max([handle.delta_seq, *(e.seq for e in entries)])
         hidden_arr = np.array(sorted(hidden), dtype=str)
-        labels = (np.flatnonzero(np.isin(handle.base.ids, hidden_arr)).astype(np.int64) if len(hidden_arr)
-                  else np.zeros(0, dtype=np.int64))
+        rows = handle._rows
+        if rows is None:  # a handle made by hand: one pass over the base ids
+            rows = {item: row for row, item in enumerate(handle.base.ids.tolist())}
+        labels = np.array(sorted(rows[i] for i in hidden if i in rows), dtype=np.int64)  # O(hidden), not O(N)
         out = DeltaHandle(base=handle.base, delta_seq=seq, side_ids=side_ids, side_vecs=side_vecs,
                           hidden=frozenset(hidden), encode_items=handle.encode_items,
-                          _hidden_arr=hidden_arr, _hidden_labels=labels)
+                          _hidden_arr=hidden_arr, _hidden_labels=labels, _rows=rows)
         if record:
             self._recorded_seq = max(self._recorded_seq, seq)
             for item_id, seconds in fresh:
