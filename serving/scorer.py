@@ -113,7 +113,10 @@ class RankedItem:
 class Ranking:
     """The answer to one request: from one model version and one index version.
 
-    ``latency_seconds`` is the scoring time of the batch the request was scored in.
+    ``latency_seconds`` is the scoring time of the batch the request was scored in;
+    ``index_delta_seq`` the item-log sequence applied on top of ``index_version`` (item
+    deltas, :mod:`indexer.delta`; 0: none), so ``(index_version, index_delta_seq)`` names
+    exactly the catalogue the answer was retrieved from.
     """
 
     request_id: str
@@ -123,6 +126,7 @@ class Ranking:
     model_version: Any
     learner: str
     latency_seconds: float
+    index_delta_seq: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON record produced to the rankings topic and returned over HTTP."""
@@ -131,6 +135,7 @@ class Ranking:
             "user_id": self.user_id,
             "items": [{"item_id": i.item_id, "score": i.score, "rank": i.rank} for i in self.items],
             "index_version": self.index_version,
+            "index_delta_seq": self.index_delta_seq,
             "model_version": self.model_version,
             "learner": self.learner,
             "latency_seconds": self.latency_seconds,
@@ -460,6 +465,7 @@ class Scorer:
         ids, rscores = found.ids, found.scores
         t2 = clock()
         version = found.version
+        delta_seq = int(getattr(found, "delta_seq", 0) or 0)
         ranked: list[tuple[ScoreRequest, list[RankedItem]]] = []
         for row, (req, ux) in enumerate(zip(requests, uxs)):
             cand, cand_r = _valid_candidates(ids[row], rscores[row])
@@ -484,7 +490,8 @@ class Scorer:
                     child.observe(seconds)
         return [
             Ranking(request_id=req.request_id, user_id=req.user_id, items=tuple(items), index_version=version,
-                    model_version=model.version, learner=model.name, latency_seconds=total)
+                    model_version=model.version, learner=model.name, latency_seconds=total,
+                    index_delta_seq=delta_seq)
             for req, items in ranked
         ]
 

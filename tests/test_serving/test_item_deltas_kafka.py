@@ -102,6 +102,7 @@ def test_scorer_serves_new_items_before_a_rebuild_never_retired_ones_and_rebuild
         for n in range(20):
             ranking = app.scorer.score(ScoreRequest(request_id=f"r{n}", user_id=f"u{n}", k=50))
             assert ranking.index_version == 1 and retired not in {i.item_id for i in ranking.items}
+            assert ranking.index_delta_seq == 2 and ranking.to_dict()["index_delta_seq"] == 2
         name = "towerstream_item_freshness_seconds"
         assert registry.get_sample_value(f"{name}_count") == 1.0  # one upsert became retrievable
         assert 0.0 <= registry.get_sample_value(f"{name}_sum") < 60.0
