@@ -14,7 +14,9 @@ mixture (fixed per user); the user tower still runs for every request, so the en
 is real. ``tower`` uses the towers' own vectors, with a per-item random part of weight
 ``--id-mix`` standing in for id embeddings. Index: the indexer's own choice (:func:`indexer.build.build_index`, ``auto``: exact flat below 50k
 items, IVF-Flat above, ``nprobe`` tuned on user vectors to recall@100 >= 0.95). Pre-rank:
-the model's ``score_candidates`` on the K candidates' item features.
+the model's ``score_item_side`` on the K candidates (their item-tower outputs computed once per
+item and kept: ``serving.scorer.ItemSideCache``), or with ``--no-item-side-cache`` ``score_candidates``
+on their item features every time.
 
 In-process (the :class:`serving.scorer.Scorer`, no I/O):
 
@@ -266,6 +268,8 @@ def main() -> int:
                     help="item and query vectors (see the module docstring)")
     ap.add_argument("--id-mix", type=float, default=0.25, help="weight of the per-item random part of item vectors")
     ap.add_argument("--no-kafka", action="store_true", help="in-process only")
+    ap.add_argument("--no-item-side-cache", action="store_true",
+                    help="pre-rank from each candidate's feature dict every time (the path before the item-side cache)")
     ap.add_argument("--kafka-requests", type=int, default=2000, help="burst size through Kafka")
     ap.add_argument("--paced-requests", type=int, default=500, help="paced requests through Kafka")
     ap.add_argument("--rate", type=float, default=None,
@@ -321,7 +325,8 @@ def main() -> int:
                 store.upsert(i, {k[2:]: v for k, v in x.items() if k != "item_id"})
             reg = CollectorRegistry()
             scorer = Scorer(StaticLearnerSource(model, name="two-tower", version=1), holder, k_retrieve=args.k_retrieve,
-                            k_default=args.k, item_xs=store, metrics=Metrics(registry=reg))
+                            k_default=args.k, item_xs=store, metrics=Metrics(registry=reg),
+                            item_side_cache=not args.no_item_side_cache)
             print(f"\n## {n:,} items ({args.vectors} vectors): vectors {t_embed:.1f} s; index {built.kind} {dict(built.params)} "
                   f"recall@{built.recall_k}={built.recall:.3f}, built in {built.seconds['total']:.1f} s")
             reqs = requests_for(users, args.requests, args.k)

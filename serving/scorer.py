@@ -57,6 +57,7 @@ __all__ = [
     "CheckpointLearnerSource",
     "IndexHolderLike",
     "ItemFeatureStore",
+    "ItemSideCache",
     "Scorer",
     "user_x",
 ]
@@ -350,13 +351,23 @@ class ItemFeatureStore:
 
     def __init__(self) -> None:
         self._xs: dict[str, dict[str, FeatureValue]] = {}
+        self._revisions: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self._xs)
 
     def upsert(self, item_id: str, features: Mapping[str, FeatureValue]) -> None:
-        """Record an item's latest features (unprefixed names)."""
-        self._xs[item_id] = item_x(item_id, features)  # one dict assignment: readers see old or new
+        """Record an item's latest features (unprefixed names); the same features again
+        change nothing (so a precomputed item side stays valid)."""
+        x = item_x(item_id, features)
+        if self._xs.get(item_id) == x:
+            return
+        self._xs[item_id] = x  # one dict assignment: readers see old or new
+        self._revisions[item_id] = self._revisions.get(item_id, 0) + 1
+
+    def revision(self, item_id: str) -> int:
+        """Bumped whenever the item's features change (0: never set)."""
+        return self._revisions.get(item_id, 0)
 
     def observe_event(self, event: Event) -> None:
         """Take an impression's or click's item (requests carry none). An event without
@@ -370,12 +381,87 @@ class ItemFeatureStore:
         n = cat.load_jsonl(path)
         snap = cat.snapshot()
         for item_id, x in zip(snap.ids, snap.xs):
-            self._xs[item_id] = dict(x)
+            if self._xs.get(item_id) != x:
+                self._xs[item_id] = dict(x)
+                self._revisions[item_id] = self._revisions.get(item_id, 0) + 1
         return n
 
     def __call__(self, handle: Any, ids: Sequence[str]) -> list[Mapping[str, FeatureValue]]:
         xs = self._xs
         return [xs.get(i) or {"item_id": i} for i in ids]
+
+
+class ItemSideCache:
+    """The item half of pre-ranking, computed once per (model, item, feature revision).
+
+    A two-tower's pre-rank score of a candidate needs the item tower's output for it;
+    it depends only on the model and the item's features, so the scorer keeps it as rows
+    of preallocated tensors (:class:`learners.two_tower.updater.ItemSide`) per model
+    handle and pre-ranks by row, touching no feature dict for a known item. A new model
+    handle starts an empty cache; an item whose features changed (``revision``) gets a
+    new row. Rows are never overwritten (a reader holding an older view stays valid).
+    """
+
+    def __init__(self, revision: Callable[[str], int] | None = None) -> None:
+        self._revision = revision or (lambda _item: 0)
+        self._lock = threading.Lock()
+        self._model: object | None = None
+        self._rows: dict[str, tuple[int, int]] = {}  # item id -> (row, revision)
+        self._n = 0
+        self._vec: Any = None
+        self._heads: Any = None
+        self._bias: Any = None
+
+    def __len__(self) -> int:
+        return self._n
+
+    def _append(self, side: Any) -> int:
+        import torch
+
+        start, m = self._n, len(side)
+        cap = 0 if self._vec is None else self._vec.shape[0]
+        if start + m > cap:  # grow by doubling; the old tensors stay valid for readers
+            new = max(1024, 2 * cap, start + m)
+
+            def grown(old: Any, part: Any) -> Any:
+                if part is None:
+                    return None
+                buf = torch.empty((new, *part.shape[1:]), dtype=part.dtype)
+                if old is not None and start:
+                    buf[:start] = old[:start]
+                return buf
+
+            self._vec, self._heads, self._bias = (grown(self._vec, side.vec), grown(self._heads, side.heads),
+                                                  grown(self._bias, side.bias))
+        self._vec[start:start + m] = side.vec
+        if side.heads is not None:
+            self._heads[start:start + m] = side.heads
+        if side.bias is not None:
+            self._bias[start:start + m] = side.bias
+        self._n = start + m
+        return start
+
+    def rows(self, model: object, ids: Sequence[str], compute: Callable[[list[str]], Any]) -> tuple[Any, np.ndarray]:
+        """``(side, rows)``: a view of the precomputed rows and the row of each of ``ids``;
+        ``compute(missing ids) -> ItemSide`` fills what the cache lacks for ``model``."""
+        from learners.two_tower.updater import ItemSide
+
+        with self._lock:
+            if model is not self._model:
+                self._model, self._rows, self._n = model, {}, 0
+                self._vec = self._heads = self._bias = None
+            rev = self._revision
+            table = self._rows
+            missing = list(dict.fromkeys(i for i in ids if (hit := table.get(i)) is None or hit[1] != rev(i)))
+            if missing:
+                start = self._append(compute(missing))
+                for j, item in enumerate(missing):
+                    table[item] = (start + j, rev(item))
+            out = np.fromiter((table[i][0] for i in ids), dtype=np.int64, count=len(ids))
+            n = self._n
+            side = ItemSide(self._vec[:n], None if self._heads is None else self._heads[:n],
+                            None if self._bias is None else self._bias[:n])
+        return side, out
 
 
 class Scorer:
@@ -399,6 +485,10 @@ class Scorer:
         Where latencies are observed (``stage``: encode, retrieve, prerank, total).
     clock
         A monotonic clock in seconds.
+    item_side_cache
+        Precompute the item half of pre-ranking once per (model, item) for learners that
+        offer it (``item_side`` / ``score_item_side``, the two-tower family); False scores
+        every candidate from its feature dict each time.
     """
 
     def __init__(
@@ -411,6 +501,7 @@ class Scorer:
         item_xs: Callable[[Any, Sequence[str]], list[Mapping[str, FeatureValue]]] | None = None,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        item_side_cache: bool = True,
     ) -> None:
         if k_retrieve < 1 or k_default < 1:
             raise ValueError(f"k_retrieve and k_default must be >= 1, got {k_retrieve} and {k_default}")
@@ -421,6 +512,7 @@ class Scorer:
         self.item_xs = item_xs or _default_item_xs
         self.metrics = metrics
         self.clock = clock
+        self.item_sides = (ItemSideCache(getattr(self.item_xs, "revision", None)) if item_side_cache else None)
 
     def readiness(self) -> tuple[bool, str]:
         """``(ready, reason)``: ready when a model and an index are loaded."""
@@ -467,12 +559,23 @@ class Scorer:
         version = found.version
         delta_seq = int(getattr(found, "delta_seq", 0) or 0)
         ranked: list[tuple[ScoreRequest, list[RankedItem]]] = []
+        cands = [_valid_candidates(ids[row], rscores[row]) for row in range(len(requests))]
+        side = None
+        if self.item_sides is not None and hasattr(learner, "score_item_side"):
+            flat = [i for cand, _ in cands for i in cand]
+            side, flat_rows = self.item_sides.rows(learner, flat, lambda miss: learner.item_side(
+                self.item_xs(handle, miss)))
+            bounds = np.cumsum([0] + [len(c) for c, _ in cands])
         for row, (req, ux) in enumerate(zip(requests, uxs)):
-            cand, cand_r = _valid_candidates(ids[row], rscores[row])
+            cand, cand_r = cands[row]
             if not cand:
                 ranked.append((req, []))
                 continue
-            pre = np.asarray(learner.score_candidates(ux, self.item_xs(handle, cand)), dtype=np.float64)
+            if side is not None:  # the item half precomputed: no feature dict touched
+                pre = np.asarray(learner.score_item_side(ux, side, flat_rows[bounds[row]:bounds[row + 1]]),
+                                 dtype=np.float64)
+            else:
+                pre = np.asarray(learner.score_candidates(ux, self.item_xs(handle, cand)), dtype=np.float64)
             k = min(req.k or self.k_default, len(cand))
             top = np.argsort(-pre, kind="stable")[:k]
             pre_l = pre.tolist()

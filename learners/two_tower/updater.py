@@ -40,7 +40,7 @@ from learners.two_tower import losses
 from learners.two_tower.features import EmbeddingStore, FeatureEncoder, _plain, _values, feature_key, infer_fields
 from learners.two_tower.model import ModelConfig, TowerOutput, TwoTowerModel
 
-__all__ = ["TwoTowerLearner", "LossName", "PRESETS", "make", "two_tower", "inttower", "dat"]
+__all__ = ["TwoTowerLearner", "ItemSide", "LossName", "PRESETS", "make", "two_tower", "inttower", "dat"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,20 @@ _POSITION = CTX_PREFIX + "position"
 #: Items per item-tower call at inference (``encode_items``, ``encode_item_columns``).
 INFERENCE_CHUNK = 2048
 _STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ItemSide:
+    """Precomputed item half of pre-ranking (:meth:`TwoTowerLearner.item_side`): rows of the
+    item tower's output (``vec`` (N, D), FE-block ``heads`` (N, H, D) or None) and the item
+    bias (N,) or None."""
+
+    vec: torch.Tensor
+    heads: torch.Tensor | None
+    bias: torch.Tensor | None
+
+    def __len__(self) -> int:
+        return int(self.vec.shape[0])
 
 
 @dataclass
@@ -546,6 +560,32 @@ class TwoTowerLearner:
             z = self.model.logit(ue, v)
             if self.item_bias:
                 z = z + self._id_vectors(self.bias_store, [x.get("item_id") for x in item_xs], "b_v", False)[0][:, 0]
+            return torch.sigmoid(z).double().numpy()
+
+    def item_side(self, item_xs: Sequence[X]) -> "ItemSide":
+        """The item half of pre-ranking for ``item_xs``, computed once (the scorer keeps it
+        per model version): item tower outputs and the item bias. With it,
+        :meth:`score_item_side` pre-ranks candidates without touching their feature dicts."""
+        with torch.no_grad():
+            v = self._tower(item_xs, "item")
+            bias = (self._id_vectors(self.bias_store, [x.get("item_id") for x in item_xs], "b_v", False)[0][:, 0]
+                    if self.item_bias else None)
+        return ItemSide(v.vec, v.heads, bias)
+
+    def score_item_side(self, user_x: X, side: "ItemSide", rows: np.ndarray) -> np.ndarray:
+        """:meth:`score_candidates` for the candidates at ``rows`` of a precomputed
+        :meth:`item_side` (same numbers up to float rounding of batched matmuls)."""
+        if len(rows) == 0:
+            return np.zeros(0)
+        with torch.no_grad():
+            u = self._tower([user_x], "user")
+            idx = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+            v = TowerOutput(side.vec[idx], None if side.heads is None else side.heads[idx])
+            n = len(idx)
+            ue = TowerOutput(u.vec.expand(n, -1), None if u.heads is None else u.heads.expand(n, -1, -1))
+            z = self.model.logit(ue, v)
+            if side.bias is not None:
+                z = z + side.bias[idx]
             return torch.sigmoid(z).double().numpy()
 
     # ------------------------------------------------------------------ checkpoints
