@@ -139,6 +139,14 @@ class MixtureQueries:
     def score_candidates(self, user_x: Any, item_xs: Any) -> np.ndarray:
         return self.learner.score_candidates(user_x, item_xs)
 
+    # the scorer's precomputed item side (serving.scorer.ItemSideCache); no user_side here:
+    # encode_users must return the mixture queries, so pre-ranking runs the user tower again
+    def item_side(self, item_xs: Any) -> Any:
+        return self.learner.item_side(item_xs)
+
+    def score_item_side(self, users: Any, side: Any, rows: np.ndarray, owners: np.ndarray) -> np.ndarray:
+        return self.learner.score_item_side(users, side, rows, owners)
+
 
 def requests_for(users: list[Event], n: int, k: int) -> list[ScoreRequest]:
     return [ScoreRequest(f"q{i}", users[i % len(users)].user_id, users[i % len(users)].user_features, k)

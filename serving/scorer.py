@@ -550,7 +550,12 @@ class Scorer:
         model, handle = self._snapshot()
         learner = model.learner
         uxs = [user_x(r.user_id, r.user_features) for r in requests]
-        vecs = np.ascontiguousarray(learner.encode_users(uxs), dtype=np.float32)
+        by_rows = self.item_sides is not None and hasattr(learner, "score_item_side")
+        users = learner.user_side(uxs) if by_rows and hasattr(learner, "user_side") else None
+        if users is not None:  # one user-tower pass serves retrieval and pre-ranking
+            vecs = np.ascontiguousarray(users.vec.numpy(), dtype=np.float32)
+        else:
+            vecs = np.ascontiguousarray(learner.encode_users(uxs), dtype=np.float32)
         t1 = clock()
         k_ret = max(self.k_retrieve, max((r.k or self.k_default) for r in requests))
         found = handle.search(vecs, k_ret)
@@ -560,20 +565,23 @@ class Scorer:
         delta_seq = int(getattr(found, "delta_seq", 0) or 0)
         ranked: list[tuple[ScoreRequest, list[RankedItem]]] = []
         cands = [_valid_candidates(ids[row], rscores[row]) for row in range(len(requests))]
-        side = None
-        if self.item_sides is not None and hasattr(learner, "score_item_side"):
+        flat_pre = None
+        if by_rows:
+            # the item half precomputed and kept: one user-tower pass and one logit for the batch
             flat = [i for cand, _ in cands for i in cand]
             side, flat_rows = self.item_sides.rows(learner, flat, lambda miss: learner.item_side(
                 self.item_xs(handle, miss)))
-            bounds = np.cumsum([0] + [len(c) for c, _ in cands])
+            sizes = [len(c) for c, _ in cands]
+            bounds = np.cumsum([0] + sizes)
+            flat_pre = np.asarray(learner.score_item_side(uxs if users is None else users, side, flat_rows,
+                                                          np.repeat(np.arange(len(cands)), sizes)), dtype=np.float64)
         for row, (req, ux) in enumerate(zip(requests, uxs)):
             cand, cand_r = cands[row]
             if not cand:
                 ranked.append((req, []))
                 continue
-            if side is not None:  # the item half precomputed: no feature dict touched
-                pre = np.asarray(learner.score_item_side(ux, side, flat_rows[bounds[row]:bounds[row + 1]]),
-                                 dtype=np.float64)
+            if flat_pre is not None:
+                pre = flat_pre[bounds[row]:bounds[row + 1]]
             else:
                 pre = np.asarray(learner.score_candidates(ux, self.item_xs(handle, cand)), dtype=np.float64)
             k = min(req.k or self.k_default, len(cand))

@@ -572,17 +572,26 @@ class TwoTowerLearner:
                     if self.item_bias else None)
         return ItemSide(v.vec, v.heads, bias)
 
-    def score_item_side(self, user_x: X, side: "ItemSide", rows: np.ndarray) -> np.ndarray:
-        """:meth:`score_candidates` for the candidates at ``rows`` of a precomputed
-        :meth:`item_side` (same numbers up to float rounding of batched matmuls)."""
+    def user_side(self, user_xs: Sequence[X]) -> TowerOutput:
+        """The user tower's output for ``user_xs`` (``vec`` is :meth:`encode_users`): the
+        scorer computes it once per batch for retrieval and pre-ranking both."""
+        with torch.no_grad():
+            return self._tower(list(user_xs), "user")
+
+    def score_item_side(self, users: Sequence[X] | TowerOutput, side: "ItemSide", rows: np.ndarray,
+                        owners: np.ndarray) -> np.ndarray:
+        """:meth:`score_candidates` for a whole batch at once: candidate ``j`` is row
+        ``rows[j]`` of a precomputed :meth:`item_side`, scored for user ``owners[j]`` of
+        ``users`` (examples, or their :meth:`user_side`; one logit over every candidate).
+        The same numbers as per-user :meth:`score_candidates` up to float rounding."""
         if len(rows) == 0:
             return np.zeros(0)
         with torch.no_grad():
-            u = self._tower([user_x], "user")
+            u = users if isinstance(users, TowerOutput) else self._tower(list(users), "user")
             idx = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+            own = torch.from_numpy(np.asarray(owners, dtype=np.int64))
             v = TowerOutput(side.vec[idx], None if side.heads is None else side.heads[idx])
-            n = len(idx)
-            ue = TowerOutput(u.vec.expand(n, -1), None if u.heads is None else u.heads.expand(n, -1, -1))
+            ue = TowerOutput(u.vec[own], None if u.heads is None else u.heads[own])
             z = self.model.logit(ue, v)
             if side.bias is not None:
                 z = z + side.bias[idx]
