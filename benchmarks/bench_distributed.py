@@ -193,10 +193,10 @@ def _bench(args: argparse.Namespace) -> int:
           f"2*({n}-1)/{n} x that = {wire / 1e6:.1f} MB per rank per step. At the measured "
           f"{top['steps_per_s']:.1f} steps/s that is {need:.2f} Gb/s per rank, {100 * need / args.link_gbps:.0f}% of a "
           f"{args.link_gbps:g} Gb/s link, which caps the group at {step_cap:.0f} steps/s. Per step the wire alone "
-          f"takes >= {wire_ms:.1f} ms, plus {dense_ms:.1f} ms of dense delta/apply on the same arrays (measured), "
+          f"takes >= {wire_ms:.1f} ms, plus {dense_ms:.1f} ms of dense gradient/apply on the same arrays (measured), "
           f"against {compute_ms:.1f} ms of reading + learning: communication would be ~{100 * share:.0f}% of a "
           f"step ({events_per_step:,.0f} events/step/rank), a fixed cost set by 2**bits, not by traffic. The "
-          "dense exchange of z and n is the bottleneck; the fix is a sparse exchange of the touched coordinates "
+          "dense exchange of the summed gradient (2**bits floats) is the bottleneck; the fix is a sparse exchange of the touched coordinates "
           "(indices + values, all-gather), bytes proportional to the features seen per step.")
     print(f"# note inputs: {json.dumps({'bytes_per_step': b, 'ring_bytes': round(wire), 'steps_per_s': round(top['steps_per_s'], 2), 'wire_ms': round(wire_ms, 1), 'dense_ms': round(dense_ms, 1), 'compute_ms': round(compute_ms, 1)})}")
     if args.json:
