@@ -47,7 +47,7 @@ sys.path.insert(0, str(REPO))
 def _worker(argv: list[str]) -> int:
     """One rank (run by torchrun): the body of ``towerstream learn --world-size N``."""
     ap = argparse.ArgumentParser()
-    for name in ("--bootstrap", "--prefix", "--group", "--checkpoint", "--optimizer"):
+    for name in ("--bootstrap", "--prefix", "--group", "--checkpoint", "--optimizer", "--learner"):
         ap.add_argument(name, required=True)
     ap.add_argument("--bits", type=int, required=True)
     ap.add_argument("--batch-size", type=int, required=True)
@@ -63,7 +63,8 @@ def _worker(argv: list[str]) -> int:
     tune_gc()
     init_group(int(os.environ["WORLD_SIZE"]), timeout_s=120)
     try:
-        learner = make_learner("lr", bits=a.bits, optimizer=a.optimizer)
+        learner = (make_learner("lr", bits=a.bits, optimizer=a.optimizer) if a.learner == "lr"
+                   else make_learner(a.learner))  # two-tower family, ctr: examples mode
         rt = DistributedLearnerRuntime(KafkaSettings(a.bootstrap, "kafka-python"), learner, a.group,
                                        Topics(prefix=a.prefix), a.checkpoint, batch_size=a.batch_size,
                                        checkpoint_every_s=None, idle_timeout_s=2.0)
@@ -99,7 +100,7 @@ def _run(args: argparse.Namespace, prefix: str, ranks: int, tmp: Path) -> dict[s
     cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", f"--nproc-per-node={ranks}",
            str(Path(__file__).resolve()), "--_worker", "--bootstrap", args.bootstrap, "--prefix", prefix,
            "--group", f"g-{tag}", "--checkpoint", str(tmp / f"{tag}.ckpt"), "--optimizer", args.optimizer,
-           "--bits", str(args.bits), "--batch-size", str(args.batch_size)]
+           "--learner", args.learner, "--bits", str(args.bits), "--batch-size", str(args.batch_size)]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
@@ -139,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--bits", type=int, default=20)
     ap.add_argument("--optimizer", choices=("ftrl", "sgd"), default="ftrl")
+    ap.add_argument("--learner", choices=("lr", "ctr", "two-tower", "inttower"), default="lr",
+                    help="lr: synced by summed gradients; the others by examples (replicated learning)")
     ap.add_argument("--batch-size", type=int, default=1000, help="records per step per rank")
     ap.add_argument("--hosts", type=int, default=8, help="world size of the multi-host note")
     ap.add_argument("--link-gbps", type=float, default=10.0, help="link speed of the multi-host note")
@@ -158,7 +161,9 @@ def _bench(args: argparse.Namespace) -> int:
     print(f"# {platform.platform()}, {os.cpu_count()} CPUs, python {platform.python_version()}, torch "
           f"{torch.__version__} (gloo), loadavg before {tuple(round(x, 2) for x in os.getloadavg())}")
     print(f"# stream: {args.events:,} simulator events ({impressions:,} impressions) in {args.partitions} "
-          f"partitions; learner lr bits={args.bits} optimizer={args.optimizer}; batch {args.batch_size} "
+          f"partitions; learner {args.learner}"
+          + (f" bits={args.bits} optimizer={args.optimizer}" if args.learner == "lr" else " (examples mode)")
+          + f"; batch {args.batch_size} "
           f"records/step/rank; {args.runs} runs per world size, medians; OMP_NUM_THREADS=1")
     results: dict[int, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-dist-") as tmp:

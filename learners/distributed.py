@@ -21,6 +21,15 @@ here keep numpy state), and:
   the gradient. It is how lr was synced before: it shrank a weight by SGD's L2 once per
   touching rank, and summed FTRL's ``n`` increments as ``sum(g_r**2)`` over ranks rather
   than ``(sum(g_r))**2``, with the matching ``sigma`` terms.)
+* **examples mode** -- a learner without those hooks (the CTR baseline; the two-tower,
+  IntTower and DAT updaters, whose embedding rows are allocated per id as ids arrive)
+  is kept as one model by replicated learning: each rank predicts its own micro-batch
+  (the prequential test), the ranks all-gather their micro-batches and every rank learns
+  their union in partition order -- the same ``learn_many`` a 1-rank run of this runtime
+  makes, so every rank holds bitwise the same model (:func:`state_digest`). Reading,
+  decoding, validation and the prequential predictions are split over the ranks; the
+  learning step itself is repeated on each (the sharded-embedding exchange that would
+  split it too is not built);
 * **one coherent checkpoint** -- at a checkpoint step (agreed through the same
   all-reduce) the ranks gather their offsets, rank 0 writes one ordinary checkpoint with
   the model and every partition's next offset (atomic, fsync'ed), all ranks pass a
@@ -42,6 +51,7 @@ import datetime
 import hashlib
 import logging
 import os
+import pickle
 import signal
 import threading
 import time
@@ -147,16 +157,55 @@ def model_digest(arrays: Sequence[np.ndarray]) -> str:
     return h.hexdigest()
 
 
+def state_digest(state: Any) -> str:
+    """sha256 of a learner state, canonically: tensors and arrays by dtype, shape and bytes
+    (a pickle of torch tensors is not byte-stable), containers in their order."""
+    h = hashlib.sha256()
+
+    def walk(obj: Any) -> None:
+        if isinstance(obj, torch.Tensor):
+            obj = obj.detach().cpu().contiguous().numpy()
+        if isinstance(obj, np.ndarray):
+            h.update(f"nd{obj.dtype.str}{obj.shape}".encode())
+            h.update(np.ascontiguousarray(obj).tobytes())
+        elif isinstance(obj, dict):
+            h.update(b"{")
+            for k, v in obj.items():
+                walk(k)
+                walk(v)
+            h.update(b"}")
+        elif isinstance(obj, (list, tuple)):
+            h.update(b"[" if isinstance(obj, list) else b"(")
+            for v in obj:
+                walk(v)
+            h.update(b"]")
+        else:
+            h.update(f"{type(obj).__name__}:{obj!r};".encode())
+
+    walk(state)
+    return h.hexdigest()
+
+
 def _by_gradient(learner: Any) -> bool:
     return all(callable(getattr(learner, name, None)) for name in ("defer_updates", "pending_update", "apply_update"))
 
 
 def _check_learner(learner: Any) -> None:
-    if not callable(getattr(learner, "sync_arrays", None)):
+    if not callable(getattr(learner, "learn_many", None)) or not callable(getattr(learner, "state_dict", None)):
         raise ConfigError(
-            f"learner {learner.spec['name']!r} has no sync_arrays() hook, so its ranks cannot share one model: "
-            "use --learner lr with --world-size, or run it as one process"
+            f"learner {learner.spec['name']!r} has neither sync hooks nor learn_many/state_dict, so its ranks "
+            "cannot share one model: run it as one process"
         )
+
+
+def _sync_mode(learner: Any) -> str:
+    """``gradient`` (summed gradients, one step), ``delta`` (summed array changes) or
+    ``examples`` (the ranks' micro-batches gathered, every rank learns their union)."""
+    if _by_gradient(learner):
+        return "gradient"
+    if callable(getattr(learner, "sync_arrays", None)):
+        return "delta"
+    return "examples"
 
 
 class DistributedLearnerRuntime:
@@ -202,9 +251,11 @@ class DistributedLearnerRuntime:
         self.work = {"steps": 0, "events": 0, "wall_s": 0.0, "cpu_s": 0.0, "comm_s": 0.0, "allreduce_s": 0.0}
         self.resumed = False
         self._resume()
-        self.by_gradient = _by_gradient(learner)  # else: summed deltas of sync_arrays()
+        self.mode = _sync_mode(learner)
+        self.by_gradient = self.mode == "gradient"  # else: summed deltas of sync_arrays(), or examples
         if self.by_gradient:
             learner.defer_updates()
+        self._taken: list[tuple[int, list[Any]]] = []  # this step's events per owned partition
 
     # ------------------------------------------------------------------ state
 
@@ -233,6 +284,28 @@ class DistributedLearnerRuntime:
     def _arrays(self) -> list[np.ndarray]:
         return list(self.learner.sync_arrays())
 
+    def _sync_examples(self, control: list[float]) -> np.ndarray:
+        """Examples mode: sum the control counters, gather every rank's micro-batch (per
+        partition) and learn their union on every rank, in partition order: the same
+        ``learn_many`` a 1-rank run of this runtime makes, so all ranks hold the same model."""
+        t0 = time.perf_counter()
+        ctl = torch.from_numpy(np.asarray(control, dtype=np.float64))
+        t_ar = time.perf_counter()
+        dist.all_reduce(ctl, op=dist.ReduceOp.SUM)
+        mine = [(p, [(event_to_x(e), int(e.label)) for e in evs if e.kind == "impression"])
+                for p, evs in self._taken]
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, mine)
+        self.allreduce_s += time.perf_counter() - t_ar
+        parts = sorted((p, rows) for rank_parts in gathered for p, rows in rank_parts)
+        xs = [x for _, rows in parts for x, _ in rows]
+        if xs:
+            ys = np.fromiter((y for _, rows in parts for _, y in rows), dtype=np.int64, count=len(xs))
+            self.learner.learn_many(xs, ys)
+        self.bytes_per_step = len(pickle.dumps(mine)) + ctl.numel() * 8
+        self.comm_s += time.perf_counter() - t0
+        return ctl.numpy().copy()
+
     def _sync(self, before: list[np.ndarray] | None, n_before: int, control: list[float]) -> np.ndarray:
         """One synchronous update of the model from every rank's step, and the control
         counters summed in the same all-reduce. Returns the summed control.
@@ -240,6 +313,8 @@ class DistributedLearnerRuntime:
         By gradient (the learner is in deferred mode): sum the ranks' pending gradients,
         OR their touched masks where the learner needs them, and apply one step. Otherwise:
         sum every rank's change of the synced arrays since ``before`` and apply the sum."""
+        if self.mode == "examples":
+            return self._sync_examples(control)
         t0 = time.perf_counter()
         ctl = np.asarray(control, dtype=np.float64)
         nbytes = 0
@@ -289,7 +364,10 @@ class DistributedLearnerRuntime:
             "bytes_per_step": self.bytes_per_step, "cpu_s": time.process_time(), "work": self.work}))
 
     def digest(self) -> str:
-        """:func:`model_digest` of this rank's synced arrays."""
+        """:func:`model_digest` of this rank's synced arrays (examples mode:
+        :func:`state_digest` of the whole ``state_dict``)."""
+        if self.mode == "examples":
+            return state_digest(self.learner.state_dict())
         return model_digest(self._arrays())
 
     def group_metrics(self) -> dict[str, Any]:
@@ -411,11 +489,14 @@ class DistributedLearnerRuntime:
 
     def _take(self, buffers: dict[TopicPartition, deque], k: int) -> list[Any]:
         events: list[Any] = []
+        self._taken = []
         for tp, buf in buffers.items():
+            start = len(events)
             for _ in range(min(k, len(buf))):
                 ev, off = buf.popleft()
                 events.append(ev)
                 self._offsets[tp] = off + 1
+            self._taken.append((tp.partition, events[start:]))
             if not buf and self._tail.get(tp, 0) > self._offsets[tp]:
                 self._offsets[tp] = self._tail[tp]
         return events
@@ -438,9 +519,13 @@ class DistributedLearnerRuntime:
                 events = self._take(buffers, k)
                 imps = [e for e in events if e.kind == "impression"]
                 self._skipped += len(events) - len(imps)
-                before = None if self.by_gradient else [a.copy() for a in self._arrays()]
+                before = None if self.mode != "delta" else [a.copy() for a in self._arrays()]
                 n_before = int(getattr(self.learner, "n_learned", 0))
-                if imps:
+                if imps and self.mode == "examples":  # test on this rank's part; the union is learned in _sync
+                    ys = np.fromiter((e.label for e in imps), dtype=np.int64, count=len(imps))
+                    p = self.learner.predict_proba_many([event_to_x(e) for e in imps])
+                    self.metrics.update(ys, np.asarray(p, dtype=np.float64))
+                elif imps:
                     xs = [event_to_x(e) for e in imps]
                     ys = np.fromiter((e.label for e in imps), dtype=np.int64, count=len(imps))
                     prequential_step(self.learner, xs, ys, self.metrics)

@@ -7,6 +7,7 @@ on a stream already in the topic, so the steps (and the model) are deterministic
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import socket
@@ -15,6 +16,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pytest
@@ -51,9 +53,9 @@ def _stream(kafka_bootstrap: str, n: int, seed: int = 3) -> tuple[KafkaSettings,
 
 
 def _learn(settings: KafkaSettings, topics: Topics, ckpt: Path, *extra: str, ranks: int = 2,
-           restarts: int = 0) -> subprocess.Popen:
+           restarts: int = 0, learner: Sequence[str] = LR) -> subprocess.Popen:
     cmd = [str(TORCHRUN), "--standalone", f"--nproc-per-node={ranks}", f"--max-restarts={restarts}",
-           "--module", "app.cli", "learn", "--world-size", str(ranks), *LR,
+           "--module", "app.cli", "learn", "--world-size", str(ranks), *learner,
            "--bootstrap-servers", settings.bootstrap_servers, "--topic-prefix", topics.prefix,
            "--group", f"g-{topics.prefix}", "--checkpoint", str(ckpt), "--idle-timeout", "3",
            "--batch-size", "100", "--group-timeout", "30", "--no-create-topics", *extra]
@@ -155,6 +157,52 @@ def test_two_ranks_end_with_one_model_and_every_partitions_offset(kafka_bootstra
 
 
 @pytest.mark.kafka
+@pytest.mark.parametrize("name, params", [
+    ("ctr", {"half_life": 500}),
+    ("two-tower", {"out_dim": 8, "hidden": [16], "field_dim": 4, "seed": 0}),
+], ids=["ctr", "two-tower"])
+def test_examples_mode_ranks_learn_the_union_and_match_one_rank(kafka_bootstrap: str, tmp_path: Path,
+                                                                 name: str, params: dict) -> None:
+    """Learners without gradient hooks (CTR, the two-tower family): each step the ranks
+    gather their micro-batches and all learn the union, so 2 ranks end with one model,
+    the same one a 1-rank run of the runtime learns from the same steps."""
+    settings, topics, impressions = _stream(kafka_bootstrap, 3000)
+    ends = _ends(settings, topics)
+    two, one = tmp_path / "two.ckpt", tmp_path / "one.ckpt"
+    learner = ["--learner", name, *(a for k, v in params.items() for a in ("--param", f"{k}={json.dumps(v)}"))]
+    _finish(_learn(settings, topics, two, learner=learner))
+    ck2 = load_checkpoint(two)
+    assert ck2.offsets == {topics.events: ends} and ck2.events_learned == impressions
+    d = ck2.extra["rank_digests"]
+    assert len(d) == 2 and d[0] == d[1]
+    # 1 rank of the same runtime, the same steps: 4 partitions x 50 events (2 ranks: 2 x 50 each)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", _ONE_RANK, settings.bootstrap_servers, topics.prefix, str(one),
+                           "200", "50", name, json.dumps(params)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ck1 = load_checkpoint(one)
+    assert ck1.events_learned == impressions
+    assert _canonical(ck1.state) == _canonical(ck2.state)  # computed here, not by the runtime
+
+
+def _canonical(obj):
+    """The state as plain nested Python values (tensors and arrays as bytes) to compare."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        obj = obj.detach().numpy()
+    if isinstance(obj, np.ndarray):
+        return ("nd", obj.dtype.str, obj.shape, obj.tobytes())
+    if isinstance(obj, dict):
+        return ("dict", [(_canonical(k), _canonical(v)) for k, v in obj.items()])
+    if isinstance(obj, (list, tuple)):
+        return (type(obj).__name__, [_canonical(v) for v in obj])
+    return obj
+
+
+@pytest.mark.kafka
 def test_sigkill_of_one_rank_then_restart_learns_each_event_once(kafka_bootstrap: str, tmp_path: Path) -> None:
     settings, topics, impressions = _stream(kafka_bootstrap, 6000)
     ck, ends = _clean_run(settings, topics, tmp_path / "clean.ckpt", impressions)
@@ -189,8 +237,10 @@ from learners.registry import make_learner
 from streams.topics import Topics
 from streams.transport import KafkaSettings
 boot, prefix, ckpt, batch, per_partition = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+name, params = (sys.argv[6], json.loads(sys.argv[7])) if len(sys.argv) > 6 else ("lr", {"bits": 16, "optimizer": "sgd",
+                                                                                     "lr": 0.05})
 init_group(1, timeout_s=30)
-learner = make_learner("lr", bits=16, optimizer="sgd", lr=0.05)
+learner = make_learner(name, **params)
 stats = DistributedLearnerRuntime(KafkaSettings(boot, "kafka-python"), learner, f"one-{prefix}", Topics(prefix=prefix),
                                   ckpt, batch_size=batch, per_partition=per_partition, idle_timeout_s=3).run()
 print(json.dumps({"events_learned": stats.events_learned}))
