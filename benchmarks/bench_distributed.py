@@ -185,6 +185,14 @@ def _bench(args: argparse.Namespace) -> int:
     n = args.hosts
     top = results[max(results)]
     b = top["bytes_per_step"]
+    if args.learner != "lr":  # examples mode: an all-gather of every rank's micro-batch
+        need = (n - 1) * b * top["steps_per_s"] * 8 / 1e9
+        print(f"# {n} ranks on {n} hosts (examples mode): each step every rank sends its micro-batch "
+              f"({b / 1e6:.2f} MB pickled, measured) and receives the other {n - 1}: {(n - 1) * b / 1e6:.1f} MB per "
+              f"rank per step, {need:.2f} Gb/s at the measured {top['steps_per_s']:.1f} steps/s. The wire is not "
+              "the limit; the learning step is: every rank learns all N micro-batches, so the group's events/s "
+              "stays at one rank's learning rate (reading and decoding are what scale).")
+        return 0
     wire = 2 * (n - 1) / n * b  # ring all-reduce, bytes sent (and received) per rank per step
     link = args.link_gbps * 1e9 / 8
     step_cap = link / wire

@@ -256,6 +256,7 @@ class DistributedLearnerRuntime:
         if self.by_gradient:
             learner.defer_updates()
         self._taken: list[tuple[int, list[Any]]] = []  # this step's events per owned partition
+        self._gather_bytes = self._gather_steps = 0
 
     # ------------------------------------------------------------------ state
 
@@ -302,7 +303,10 @@ class DistributedLearnerRuntime:
         if xs:
             ys = np.fromiter((y for _, rows in parts for _, y in rows), dtype=np.int64, count=len(xs))
             self.learner.learn_many(xs, ys)
-        self.bytes_per_step = len(pickle.dumps(mine)) + ctl.numel() * 8
+        if xs:  # the mean payload of the steps that learned (an idle step's is a few bytes)
+            self._gather_bytes += len(pickle.dumps(mine)) + ctl.numel() * 8
+            self._gather_steps += 1
+            self.bytes_per_step = self._gather_bytes // self._gather_steps
         self.comm_s += time.perf_counter() - t0
         return ctl.numpy().copy()
 
