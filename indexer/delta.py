@@ -94,6 +94,16 @@ class DeltaHandle:
         return self.base.version
 
     @property
+    def manifest(self) -> dict:
+        """The base version's manifest (``published_at``: the index age gauges)."""
+        return self.base.manifest
+
+    @property
+    def path(self):
+        """The base version's directory."""
+        return self.base.path
+
+    @property
     def size(self) -> int:
         """Items served: base items not hidden plus side items."""
         return self.base.size - len(self._hidden_labels) + len(self.side_ids)

@@ -107,6 +107,9 @@ def test_scorer_serves_new_items_before_a_rebuild_never_retired_ones_and_rebuild
         assert registry.get_sample_value(f"{name}_count") == 1.0  # one upsert became retrievable
         assert 0.0 <= registry.get_sample_value(f"{name}_sum") < 60.0
         assert registry.get_sample_value("towerstream_index_delta_seq") == 2.0
+        assert served.manifest["version"] == 1  # the base's: the scorer's index-age gauge reads published_at
+        age = registry.get_sample_value("towerstream_index_age_seconds")
+        assert age is not None and 0 <= age < 3600
         dead = [decode_dead_letter(rec.value) for rec in read_all(settings, topics.dead_letter, 1)]
         assert [(d.topic, d.reason) for d in dead] == [(topics.items, "invalid_item_event")]
 
