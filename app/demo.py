@@ -676,7 +676,9 @@ class Demo:
         online_key = sample_key("towerstream_online_auc", {"learner": cfg.index_learner})
         lines.append(f"  scorer     answered {_f(ok, ',.0f')} of {_f(total, ',.0f')} requests  "
                      f"p99 {_f(p99 * 1e3 if not math.isnan(p99) else None, '.1f')} ms  "
-                     f"index v{_f(m.get('towerstream_index_version'), '.0f')}  "
+                     f"index v{_f(m.get('towerstream_index_version'), '.0f')}"
+                     f"+{_f(m.get('towerstream_index_delta_seq'), '.0f')} items  "
+                     f"fresh p90 {_f(_fresh_p90(m), '.2f')} s  "
                      f"online AUC {_f(m.get(online_key), '.4f')}"
                      f"  {self._state('scorer')}")
         if self.tty and self._table_lines:
@@ -794,3 +796,13 @@ def _tail(path: Path, lines: int = 15) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
+
+
+def _fresh_p90(metrics: dict[str, float]) -> float | None:
+    """p90 of the scorer's item-delta freshness histogram so far (None: no sample yet)."""
+    head = "towerstream_item_freshness_seconds_bucket{"
+    buckets = sorted((float(k.split('le="', 1)[1].split('"', 1)[0]), v) for k, v in metrics.items()
+                     if k.startswith(head))
+    if not buckets or not buckets[-1][1]:
+        return None
+    return histogram_quantile(0.9, buckets)
