@@ -82,7 +82,6 @@ class DeltaHandle:
     encode_items: "ItemEncoder | None" = None  # the base's frozen item tower (None: the log's)
     _hidden_arr: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype="<U1"))
     _hidden_labels: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    _rows: dict[str, int] | None = None  # base id -> FAISS label, built once per base, shared by its handles
 
     def __repr__(self) -> str:
         return (f"DeltaHandle(version={self.version}, delta_seq={self.delta_seq}, base_items={self.base.size}, "
@@ -208,8 +207,7 @@ class DeltaLog:
         base's own frozen item tower (None: this log's default).
         """
         after = 0 if covered_seq is None else covered_seq
-        handle = DeltaHandle(base=base, delta_seq=max(after, 0), encode_items=encode_items,
-                             _rows={item: row for row, item in enumerate(base.ids.tolist())})
+        handle = DeltaHandle(base=base, delta_seq=max(after, 0), encode_items=encode_items)
         self._record_covered(base, after)
         todo = [e for e in self._entries if e.seq > after]
         return self._build(handle, todo, record=True) if todo else handle
@@ -222,10 +220,9 @@ class DeltaLog:
                  if self._recorded_seq < e.seq <= covered and e.event.op == "upsert"]
         if not fresh:
             return
-        in_base = np.isin(np.array([ev.item_id for ev in fresh], dtype=str), base.ids)
-        now = self._clock()
-        for ev, ok in zip(fresh, in_base):
-            if ok:
+        rows, now = base.rows, self._clock()
+        for ev in fresh:
+            if ev.item_id in rows:
                 self.freshness_s.append(now - ev.event_time)
                 if self._on_fresh is not None:
                     self._on_fresh(ev.item_id, now - ev.event_time)
@@ -323,13 +320,11 @@ class DeltaLog:
             raise ValueError(f"delta vectors have dimension {side_vecs.shape[1]}, the index {handle.dim}")
         seq = max([handle.delta_seq, *(e.seq for e in entries)])
         hidden_arr = np.array(sorted(hidden), dtype=str)
-        rows = handle._rows
-        if rows is None:  # a handle made by hand: one pass over the base ids
-            rows = {item: row for row, item in enumerate(handle.base.ids.tolist())}
+        rows = handle.base.rows  # built once per base
         labels = np.array(sorted(rows[i] for i in hidden if i in rows), dtype=np.int64)  # O(hidden), not O(N)
         out = DeltaHandle(base=handle.base, delta_seq=seq, side_ids=side_ids, side_vecs=side_vecs,
                           hidden=frozenset(hidden), encode_items=handle.encode_items,
-                          _hidden_arr=hidden_arr, _hidden_labels=labels, _rows=rows)
+                          _hidden_arr=hidden_arr, _hidden_labels=labels)
         if record:
             self._recorded_seq = max(self._recorded_seq, seq)
             for item_id, seconds in fresh:

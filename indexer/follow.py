@@ -31,6 +31,7 @@ import numpy as np
 
 from indexer.catalogue import Catalogue
 from indexer.errors import IndexerError
+from indexer.item_follow import items_partition
 from learners.base import X, event_to_x
 from streams.errors import EventValidationError
 from streams.events import decode_event
@@ -181,13 +182,7 @@ class StreamFollower:
             return False
         tps = [TopicPartition(self.topics.events, p) for p in partitions]
         ensure_topics(self.settings, {self.topics.items: ITEMS_PARTITIONS})  # item events may come later
-        items = consumer.partitions_for(self.topics.items)
-        if items:
-            if len(items) != ITEMS_PARTITIONS:
-                raise IndexerError(f"the items topic {self.topics.items!r} has {len(items)} partitions; item "
-                                   f"deltas need exactly {ITEMS_PARTITIONS} (its offset is the delta sequence): "
-                                   "recreate it with one partition")
-            tps.append(TopicPartition(self.topics.items, 0))
+        tps.append(items_partition(consumer, self.topics))
         consumer.assign(tps)  # no group, nothing committed: starts at the earliest offset
         return True
 

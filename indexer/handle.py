@@ -32,6 +32,7 @@ import logging
 import sys
 import threading
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -112,6 +113,11 @@ class IndexHandle:
     def dim(self) -> int:
         """Vector dimension D."""
         return int(self.index.d)
+
+    @cached_property
+    def rows(self) -> dict[str, int]:
+        """Item id -> FAISS label, built on first use (item deltas mask base items by it)."""
+        return {item: row for row, item in enumerate(self.ids.tolist())}
 
     def search(self, user_vecs: np.ndarray, k: int) -> SearchResult:
         """Top-``k`` items for each user vector, shape (B, D) -> (B, k)."""

@@ -27,13 +27,26 @@ from indexer.delta import DeltaHandle, DeltaLog, ItemEncoder
 from indexer.errors import ArtifactError
 from indexer.handle import IndexHandle, IndexHolder
 from streams.deadletter import DeadLetterWriter
-from streams.errors import TowerstreamError
+from streams.errors import ConfigError, TowerstreamError
 from streams.items import ItemEvent, ItemEventError, decode_item_event
-from streams.transport import Consumer, Record
+from streams.topics import ITEMS_PARTITIONS, Topics
+from streams.transport import Consumer, Record, TopicPartition
 
-__all__ = ["ItemDeltaFollower", "version_tower", "covered_seq"]
+__all__ = ["ItemDeltaFollower", "version_tower", "covered_seq", "items_partition"]
 
 log = logging.getLogger(__name__)
+
+
+def items_partition(consumer: Consumer, topics: Topics) -> TopicPartition:
+    """The items topic's one partition (its offset + 1 is the delta sequence), for the
+    indexer's catalogue and the scorer's follower alike; a ConfigError names any other
+    partition count."""
+    parts = consumer.partitions_for(topics.items) or []
+    if len(parts) != ITEMS_PARTITIONS:
+        raise ConfigError(f"the items topic {topics.items!r} has {len(parts)} partitions; item deltas need exactly "
+                          f"{ITEMS_PARTITIONS} (its offset is the delta sequence): recreate it with one partition "
+                          "(a scorer can also run with --no-item-deltas)")
+    return TopicPartition(topics.items, 0)
 
 
 def covered_seq(base: Any) -> int | None:

@@ -35,7 +35,7 @@ from indexer.artifacts import ArtifactStore
 from indexer.delta import DeltaLog
 from indexer.freshness import FreshnessMetrics
 from indexer.handle import IndexHolder, load_handle
-from indexer.item_follow import ItemDeltaFollower, covered_seq
+from indexer.item_follow import ItemDeltaFollower, covered_seq, items_partition
 from indexer.watcher import IndexWatcher
 from serving.http import ServingHTTPServer, make_http_server, serve_in_thread
 from serving.metrics import Metrics
@@ -52,7 +52,7 @@ from streams.errors import ConfigError, TowerstreamError
 from streams.exposition import ThreadCPUCollector, watch_gc_pauses
 from streams.deadletter import DeadLetterWriter
 from streams.topics import DEFAULT_PARTITIONS, ITEMS_PARTITIONS, Topics
-from streams.transport import KafkaSettings, Producer, TopicPartition, ensure_topics, make_consumer, make_producer
+from streams.transport import KafkaSettings, Producer, ensure_topics, make_consumer, make_producer
 
 __all__ = ["ServeConfig", "ServingApp"]
 
@@ -254,12 +254,7 @@ class ServingApp:
         assert cfg.kafka is not None and self.item_follower is not None
         consumer = make_consumer(cfg.kafka, None)
         try:
-            parts = consumer.partitions_for(cfg.topics.items) or set()
-            if len(parts) != ITEMS_PARTITIONS:
-                raise ConfigError(f"the items topic {cfg.topics.items!r} has {len(parts)} partitions; item deltas "
-                                  f"need exactly {ITEMS_PARTITIONS} (its offset is the delta sequence): recreate "
-                                  "it with one partition, or serve with --no-item-deltas")
-            consumer.assign([TopicPartition(cfg.topics.items, 0)])  # no group: the whole item log, every start
+            consumer.assign([items_partition(consumer, cfg.topics)])  # no group: the whole item log, every start
             while not self._stop.is_set():
                 self.item_follower.poll_once(consumer, timeout_s=0.2)
         finally:
