@@ -65,7 +65,8 @@ from typing import Any, Callable, TextIO
 from streams.broker import preexec_die_with_parent
 from streams.errors import ConfigError
 
-from app.samples import LEARNERS, consumer_lag, histogram_quantile, latency_buckets, machine_info, parse_metrics, sample_key
+from app.samples import (LEARNERS, consumer_lag, freshness_buckets, histogram_quantile, latency_buckets, machine_info,
+                         parse_metrics, sample_key)
 
 __all__ = ["DemoConfig", "Demo", "DEFAULT_RATE", "DEFAULT_DURATION_S"]
 
@@ -800,9 +801,7 @@ def _tail(path: Path, lines: int = 15) -> str:
 
 def _fresh_p90(metrics: dict[str, float]) -> float | None:
     """p90 of the scorer's item-delta freshness histogram so far (None: no sample yet)."""
-    head = "towerstream_item_freshness_seconds_bucket{"
-    buckets = sorted((float(k.split('le="', 1)[1].split('"', 1)[0]), v) for k, v in metrics.items()
-                     if k.startswith(head))
+    buckets = freshness_buckets(metrics)
     if not buckets or not buckets[-1][1]:
         return None
     return histogram_quantile(0.9, buckets)

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from app.samples import LEARNERS, consumer_lag, histogram_quantile, latency_buckets, sample_key
+from app.samples import LEARNERS, consumer_lag, freshness_buckets, histogram_quantile, latency_buckets, sample_key
 
 __all__ = ["RunData", "load_run", "summarize", "write_report"]
 
@@ -180,11 +180,6 @@ def freshness(run: RunData) -> dict[str, Any]:
     return out
 
 
-def _freshness_buckets(m: dict[str, float]) -> list[tuple[float, float]]:
-    head = "towerstream_item_freshness_seconds_bucket{"
-    return sorted((float(k.split('le="', 1)[1].split('"', 1)[0]), v) for k, v in m.items() if k.startswith(head))
-
-
 def _freshness_stats(buckets: list[tuple[float, float]], total_s: float, budget: float) -> dict[str, Any]:
     count = buckets[-1][1] if buckets else 0.0
     if not count:
@@ -203,7 +198,7 @@ def delta_freshness(run: RunData) -> dict[str, Any]:
     cumulative histograms), i.e. the delta path itself once an index exists.
     """
     sc = run.final("scorer")
-    buckets = _freshness_buckets(sc)
+    buckets = freshness_buckets(sc)
     if not buckets or not sc.get("towerstream_item_freshness_seconds_count"):
         return {"available": False, "reason": "the scorer applied no item delta (item events off, or none arrived)"}
     budget = sc.get("towerstream_item_freshness_budget_seconds", 2.0)
@@ -217,7 +212,7 @@ def delta_freshness(run: RunData) -> dict[str, Any]:
                                                                                   math.nan))), None)
     if first is not None:
         m0 = first["metrics"]["scorer"]
-        before = dict(_freshness_buckets(m0))
+        before = dict(freshness_buckets(m0))
         diff = [(le, c - before.get(le, 0.0)) for le, c in buckets]
         out["steady"] = {"from_s": first["t"] - run.t0,
                          **_freshness_stats(diff, total - m0.get("towerstream_item_freshness_seconds_sum", 0.0),

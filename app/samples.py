@@ -72,15 +72,26 @@ def histogram_quantile(q: float, buckets: Iterable[tuple[float, float]]) -> floa
     return pts[-1][0]
 
 
-def latency_buckets(metrics: dict[str, float], stage: str = "total") -> list[tuple[float, float]]:
-    """``(upper_bound, cumulative count)`` of the scorer's latency histogram in a scrape."""
+def histogram_buckets(metrics: dict[str, float], name: str, label: str = "") -> list[tuple[float, float]]:
+    """``(upper_bound, cumulative count)`` of histogram ``name`` in a scrape, sorted; only
+    the samples whose key holds ``label`` (e.g. ``'stage="total"'``) when given."""
     out = []
-    head = "towerstream_score_latency_seconds_bucket{"
+    head = f"{name}_bucket{{"
     for k, v in metrics.items():
-        if k.startswith(head) and f'stage="{stage}"' in k:
+        if k.startswith(head) and label in k:
             le = k.split('le="', 1)[1].split('"', 1)[0]
             out.append((float(le), v))
     return sorted(out)
+
+
+def latency_buckets(metrics: dict[str, float], stage: str = "total") -> list[tuple[float, float]]:
+    """``(upper_bound, cumulative count)`` of the scorer's latency histogram in a scrape."""
+    return histogram_buckets(metrics, "towerstream_score_latency_seconds", f'stage="{stage}"')
+
+
+def freshness_buckets(metrics: dict[str, float]) -> list[tuple[float, float]]:
+    """``(upper_bound, cumulative count)`` of the scorer's item-freshness histogram in a scrape."""
+    return histogram_buckets(metrics, "towerstream_item_freshness_seconds")
 
 
 def machine_info() -> dict[str, Any]:
