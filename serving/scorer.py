@@ -359,7 +359,9 @@ class ItemFeatureStore:
     def upsert(self, item_id: str, features: Mapping[str, FeatureValue]) -> None:
         """Record an item's latest features (unprefixed names); the same features again
         change nothing (so a precomputed item side stays valid)."""
-        x = item_x(item_id, features)
+        self._put(item_id, item_x(item_id, features))
+
+    def _put(self, item_id: str, x: dict[str, FeatureValue]) -> None:
         if self._xs.get(item_id) == x:
             return
         self._xs[item_id] = x  # one dict assignment: readers see old or new
@@ -381,9 +383,7 @@ class ItemFeatureStore:
         n = cat.load_jsonl(path)
         snap = cat.snapshot()
         for item_id, x in zip(snap.ids, snap.xs):
-            if self._xs.get(item_id) != x:
-                self._xs[item_id] = dict(x)
-                self._revisions[item_id] = self._revisions.get(item_id, 0) + 1
+            self._put(item_id, dict(x))
         return n
 
     def __call__(self, handle: Any, ids: Sequence[str]) -> list[Mapping[str, FeatureValue]]:

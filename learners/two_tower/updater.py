@@ -552,15 +552,9 @@ class TwoTowerLearner:
         full score (the FE-block's max/sum over heads when enabled), without position."""
         if len(item_xs) == 0:
             return np.zeros(0)
-        with torch.no_grad():
-            u = self._tower([user_x], "user")
-            v = self._tower(item_xs, "item")
-            n = len(item_xs)
-            ue = TowerOutput(u.vec.expand(n, -1), None if u.heads is None else u.heads.expand(n, -1, -1))
-            z = self.model.logit(ue, v)
-            if self.item_bias:
-                z = z + self._id_vectors(self.bias_store, [x.get("item_id") for x in item_xs], "b_v", False)[0][:, 0]
-            return torch.sigmoid(z).double().numpy()
+        u = self.user_side([user_x])  # the user first, as before: an unbuilt model infers its fields from it
+        n = len(item_xs)
+        return self.score_item_side(u, self.item_side(item_xs), np.arange(n), np.zeros(n, dtype=np.int64))
 
     def item_side(self, item_xs: Sequence[X]) -> "ItemSide":
         """The item half of pre-ranking for ``item_xs``, computed once (the scorer keeps it
