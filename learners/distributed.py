@@ -252,11 +252,15 @@ class DistributedLearnerRuntime:
         self.resumed = False
         self._resume()
         self.mode = _sync_mode(learner)
-        self.by_gradient = self.mode == "gradient"  # else: summed deltas of sync_arrays(), or examples
         if self.by_gradient:
             learner.defer_updates()
-        self._taken: list[tuple[int, list[Any]]] = []  # this step's events per owned partition
+        self._taken: list[tuple[int, int]] = []  # this step's (partition, impressions), in take order
         self._gather_bytes = self._gather_steps = 0
+
+    @property
+    def by_gradient(self) -> bool:
+        """Synced by summed gradients (else: summed deltas of ``sync_arrays()``, or examples)."""
+        return self.mode == "gradient"
 
     # ------------------------------------------------------------------ state
 
@@ -285,25 +289,25 @@ class DistributedLearnerRuntime:
     def _arrays(self) -> list[np.ndarray]:
         return list(self.learner.sync_arrays())
 
-    def _sync_examples(self, control: list[float]) -> np.ndarray:
-        """Examples mode: sum the control counters, gather every rank's micro-batch (per
-        partition) and learn their union on every rank, in partition order: the same
-        ``learn_many`` a 1-rank run of this runtime makes, so all ranks hold the same model."""
+    def _sync_examples(self, control: list[float], xs: list[Any], ys: np.ndarray) -> np.ndarray:
+        """Examples mode: sum the control counters, gather every rank's micro-batch ``xs, ys``
+        (split by partition) and learn their union on every rank, in partition order: the
+        same ``learn_many`` a 1-rank run of this runtime makes, so all ranks hold the same model."""
         t0 = time.perf_counter()
         ctl = torch.from_numpy(np.asarray(control, dtype=np.float64))
         t_ar = time.perf_counter()
         dist.all_reduce(ctl, op=dist.ReduceOp.SUM)
-        mine = [(p, [(event_to_x(e), int(e.label)) for e in evs if e.kind == "impression"])
-                for p, evs in self._taken]
+        bounds = np.cumsum([0] + [n for _, n in self._taken])
+        mine = [(p, xs[a:b], ys[a:b].tolist()) for (p, _), a, b in zip(self._taken, bounds[:-1], bounds[1:])]
         gathered: list[Any] = [None] * self.world_size
         dist.all_gather_object(gathered, mine)
         self.allreduce_s += time.perf_counter() - t_ar
-        parts = sorted((p, rows) for rank_parts in gathered for p, rows in rank_parts)
-        xs = [x for _, rows in parts for x, _ in rows]
-        if xs:
-            ys = np.fromiter((y for _, rows in parts for _, y in rows), dtype=np.int64, count=len(xs))
-            self.learner.learn_many(xs, ys)
-        if xs:  # the mean payload of the steps that learned (an idle step's is a few bytes)
+        parts = sorted((part for rank_parts in gathered for part in rank_parts), key=lambda part: part[0])
+        all_xs = [x for _, px, _ in parts for x in px]
+        if all_xs:
+            self.learner.learn_many(all_xs, np.fromiter((y for _, _, py in parts for y in py), dtype=np.int64,
+                                                        count=len(all_xs)))
+            # the mean payload of the steps that learned (an idle step's is a few bytes)
             self._gather_bytes += len(pickle.dumps(mine)) + ctl.numel() * 8
             self._gather_steps += 1
             self.bytes_per_step = self._gather_bytes // self._gather_steps
@@ -317,8 +321,6 @@ class DistributedLearnerRuntime:
         By gradient (the learner is in deferred mode): sum the ranks' pending gradients,
         OR their touched masks where the learner needs them, and apply one step. Otherwise:
         sum every rank's change of the synced arrays since ``before`` and apply the sum."""
-        if self.mode == "examples":
-            return self._sync_examples(control)
         t0 = time.perf_counter()
         ctl = np.asarray(control, dtype=np.float64)
         nbytes = 0
@@ -500,7 +502,7 @@ class DistributedLearnerRuntime:
                 ev, off = buf.popleft()
                 events.append(ev)
                 self._offsets[tp] = off + 1
-            self._taken.append((tp.partition, events[start:]))
+            self._taken.append((tp.partition, sum(ev.kind == "impression" for ev in events[start:])))
             if not buf and self._tail.get(tp, 0) > self._offsets[tp]:
                 self._offsets[tp] = self._tail[tp]
         return events
@@ -525,18 +527,18 @@ class DistributedLearnerRuntime:
                 self._skipped += len(events) - len(imps)
                 before = None if self.mode != "delta" else [a.copy() for a in self._arrays()]
                 n_before = int(getattr(self.learner, "n_learned", 0))
-                if imps and self.mode == "examples":  # test on this rank's part; the union is learned in _sync
-                    ys = np.fromiter((e.label for e in imps), dtype=np.int64, count=len(imps))
-                    p = self.learner.predict_proba_many([event_to_x(e) for e in imps])
-                    self.metrics.update(ys, np.asarray(p, dtype=np.float64))
+                xs = [event_to_x(e) for e in imps]
+                ys = np.fromiter((e.label for e in imps), dtype=np.int64, count=len(imps))
+                if imps and self.mode == "examples":  # test on this rank's part; the union is learned in the sync
+                    self.metrics.update(ys, np.asarray(self.learner.predict_proba_many(xs), dtype=np.float64))
                 elif imps:
-                    xs = [event_to_x(e) for e in imps]
-                    ys = np.fromiter((e.label for e in imps), dtype=np.int64, count=len(imps))
                     prequential_step(self.learner, xs, ys, self.metrics)
                 idle = (not events and self.idle_timeout_s is not None and now - last_record >= self.idle_timeout_s)
                 due = (self.rank == 0 and self.checkpoint_every_s is not None
                        and now - self._last_checkpoint >= self.checkpoint_every_s)
-                total = self._sync(before, n_before, [len(imps), self._stop.is_set(), idle, due])
+                control = [len(imps), self._stop.is_set(), idle, due]
+                total = (self._sync_examples(control, xs, ys) if self.mode == "examples"
+                         else self._sync(before, n_before, control))
                 self._steps += 1
                 learned = int(total[0])
                 if learned:
