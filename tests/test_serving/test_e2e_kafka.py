@@ -34,6 +34,7 @@ from streams.simulator import ClickSimulator
 from streams.topics import DEFAULT_PARTITIONS, Topics, key_for_user
 from streams.transport import KafkaSettings, TopicPartition, ensure_topics, make_consumer, make_producer
 
+
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
 
@@ -65,16 +66,24 @@ def wait_until(cond: Any, timeout_s: float, what: Any) -> None:
         time.sleep(0.2)
 
 
-def test_requests_in_rankings_out(kafka_bootstrap: str, trained_artifacts: Any, prometheus: Any,
-                                  tmp_path: Path) -> None:
-    art = trained_artifacts
-    topics = Topics(prefix=f"e2e{uuid.uuid4().hex[:8]}")
+def scorer_topics_and_index(kafka_bootstrap: str, art: Any, tmp_path: Path, prefix: str) -> tuple[Any, Any, Path]:
+    """``(settings, topics, index_root)`` for a scorer test: fresh topics under a unique
+    ``prefix``, the serving topics and the control topic created, and a private copy of the
+    fixture's index store (tests publish into it; the shared fixture stays at version 1)."""
+    topics = Topics(prefix=f"{prefix}{uuid.uuid4().hex[:8]}")
     settings = KafkaSettings(kafka_bootstrap)
     ensure_topics(settings, {t: DEFAULT_PARTITIONS for t in (topics.requests, topics.events, topics.rankings,
                                                           topics.dead_letter)})
     ensure_control_topic(settings, topics)
     index_root = tmp_path / "index"
-    shutil.copytree(art.index_root, index_root)  # phase 3 publishes here; the shared fixture stays at v1
+    shutil.copytree(art.index_root, index_root)
+    return settings, topics, index_root
+
+
+def test_requests_in_rankings_out(kafka_bootstrap: str, trained_artifacts: Any, prometheus: Any,
+                                  tmp_path: Path) -> None:
+    art = trained_artifacts
+    settings, topics, index_root = scorer_topics_and_index(kafka_bootstrap, art, tmp_path, "e2e")  # phase 3 publishes here
 
     # The same simulated world the model was trained on, continued past the training events.
     stream = list(ClickSimulator(art.sim_config).events(max_events=4200))

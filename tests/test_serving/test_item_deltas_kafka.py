@@ -10,9 +10,7 @@ rollback to version 1 replays them; the freshness histogram is exported.
 
 from __future__ import annotations
 
-import shutil
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +18,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from indexer import Announcer, ArtifactStore, Catalogue, FileCheckpointSource, IndexerService, ensure_control_topic
+from indexer import Announcer, ArtifactStore, Catalogue, FileCheckpointSource, IndexerService
 from indexer.announce import Announcement
 from indexer.catalogue import item_x
 from indexer.delta import DeltaHandle
@@ -31,10 +29,9 @@ from serving.app import ServeConfig, ServingApp
 from serving.scorer import ScoreRequest
 from streams.deadletter import decode_dead_letter
 from streams.items import ItemEvent, encode_item_event, key_for_item
-from streams.topics import DEFAULT_PARTITIONS, Topics
-from streams.transport import KafkaSettings, ensure_topics, make_producer
+from streams.transport import make_producer
 
-from tests.test_serving.test_e2e_kafka import read_all, wait_until
+from tests.test_serving.test_e2e_kafka import read_all, scorer_topics_and_index, wait_until
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -48,13 +45,7 @@ def _aimed_at(encode_items: Any, item_id: str, features: dict) -> np.ndarray:
 def test_scorer_serves_new_items_before_a_rebuild_never_retired_ones_and_rebuild_agrees(
         kafka_bootstrap: str, trained_artifacts: Any, tmp_path: Path) -> None:
     art = trained_artifacts
-    topics = Topics(prefix=f"delta{uuid.uuid4().hex[:8]}")
-    settings = KafkaSettings(kafka_bootstrap)
-    ensure_topics(settings, {t: DEFAULT_PARTITIONS for t in (topics.requests, topics.events, topics.rankings,
-                                                          topics.dead_letter)})
-    ensure_control_topic(settings, topics)
-    index_root = tmp_path / "index"
-    shutil.copytree(art.index_root, index_root)
+    settings, topics, index_root = scorer_topics_and_index(kafka_bootstrap, art, tmp_path, "delta")
     store = ArtifactStore(index_root)
     v1 = store.get(1)
     assert "tower.ckpt" in v1.manifest["files"]  # the version keeps the tower it was built with
@@ -147,11 +138,7 @@ def test_a_version_without_its_tower_still_hides_retired_items(kafka_bootstrap: 
     """A version written before versions kept their tower: retirements still apply at once,
     upserts wait for the next build (logged), nothing breaks."""
     art = trained_artifacts
-    topics = Topics(prefix=f"delta{uuid.uuid4().hex[:8]}")
-    settings = KafkaSettings(kafka_bootstrap)
-    ensure_control_topic(settings, topics)
-    index_root = tmp_path / "index"
-    shutil.copytree(art.index_root, index_root)
+    settings, topics, index_root = scorer_topics_and_index(kafka_bootstrap, art, tmp_path, "delta")
     assert version_tower(ArtifactStore(index_root).get(1)) is not None
     # strip the tower from the manifest (as an older towerstream wrote it)
     import orjson
