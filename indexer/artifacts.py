@@ -57,6 +57,7 @@ __all__ = [
     "TRAINED_FILE",
     "MANIFEST_FILE",
     "version_dirname",
+    "verify_file",
 ]
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,16 @@ def _sha256(path: Path) -> str:
 def file_digest(path: Path) -> dict[str, Any]:
     """Size and sha256 of a file, as recorded in the manifest."""
     return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def verify_file(path: Path, expected: Mapping[str, Any]) -> None:
+    """Raise :class:`ArtifactError` unless ``path`` exists with the manifest's size and sha256."""
+    try:
+        actual = file_digest(path)
+    except FileNotFoundError:
+        raise ArtifactError(f"{path} is missing") from None
+    if actual != expected:
+        raise ArtifactError(f"{path} does not match its manifest (size/sha256); re-publish it")
 
 
 class ArtifactStore:

@@ -41,7 +41,7 @@ import numpy as np
 import orjson
 
 from indexer._release import destroy_index, release_array_memory
-from indexer.artifacts import IDS_FILE, INDEX_FILE, MANIFEST_FILE, file_digest
+from indexer.artifacts import IDS_FILE, INDEX_FILE, MANIFEST_FILE, verify_file
 from indexer.build import apply_search_params
 from indexer.errors import ArtifactError, NoIndexError
 
@@ -155,14 +155,8 @@ def load_handle(path: str | Path, *, verify: bool = True) -> IndexHandle:
         raise ArtifactError(f"{path} has no {MANIFEST_FILE}: not a complete index version") from None
     if verify:
         for name, expected in manifest.get("files", {}).items():
-            if name not in (INDEX_FILE, IDS_FILE):
-                continue
-            try:
-                actual = file_digest(path / name)
-            except FileNotFoundError:
-                raise ArtifactError(f"{path / name} is missing") from None
-            if actual != expected:
-                raise ArtifactError(f"{path / name} does not match its manifest (size/sha256); re-publish it")
+            if name in (INDEX_FILE, IDS_FILE):
+                verify_file(path / name, expected)
     index = faiss.read_index(str(path / INDEX_FILE))
     apply_search_params(index, manifest.get("index", {}).get("params", {}))
     with (path / IDS_FILE).open("rb") as fh:

@@ -22,9 +22,8 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from indexer.artifacts import TOWER_FILE, file_digest
+from indexer.artifacts import TOWER_FILE, verify_file
 from indexer.delta import DeltaHandle, DeltaLog, ItemEncoder
-from indexer.errors import ArtifactError
 from indexer.handle import IndexHandle, IndexHolder
 from streams.deadletter import DeadLetterWriter
 from streams.errors import ConfigError, TowerstreamError
@@ -67,13 +66,8 @@ def version_tower(base: IndexHandle) -> ItemEncoder | None:
     if path is None or expected is None:
         return None
     file = Path(path) / TOWER_FILE
-    try:
-        if file_digest(file) != expected:
-            raise ArtifactError(f"{file} does not match its manifest (size/sha256); re-publish the version")
-        learner = checkpoint_from_bytes(file.read_bytes(), str(file)).learner()
-    except FileNotFoundError:
-        raise ArtifactError(f"{file} is missing (the manifest lists it)") from None
-    return learner.encode_items
+    verify_file(file, expected)
+    return checkpoint_from_bytes(file.read_bytes(), str(file)).learner().encode_items
 
 
 class ItemDeltaFollower:
