@@ -30,7 +30,7 @@ import copy
 import logging
 from dataclasses import dataclass
 from itertools import repeat
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -408,15 +408,17 @@ class TwoTowerLearner:
                 if len(buf) > self.negative_buffer:
                     del buf[next(iter(buf))]
 
-    def _learn_batch(self, xs: Sequence[X], ys: np.ndarray) -> None:
-        self.step += 1
+    def _expire(self) -> None:
         if self.expire_after is not None and self.step % self.expire_every == 0:
             n = sum(store.expire(self.step) for store in (self.store, self.aug_store, self.bias_store) if store)
             if n:
                 logger.info("step %d: expired %d embedding rows unseen for %d steps", self.step, n, self.expire_after)
-        use_softmax = self.loss in ("softmax", "both")
-        negs = self._sample_negatives() if use_softmax else []
-        fp = self._forward(xs, insert=True, extra_items=negs)
+
+    def _loss_parts(self, fp: _Pass, xs: Sequence[X], ys: np.ndarray, negs: list, use_softmax: bool,
+                    scale: Mapping[str, float] | None = None) -> tuple[dict[str, torch.Tensor], list]:
+        """The loss terms of one forward pass over ``xs`` (B,) with labels ``ys`` (B,), each
+        times ``scale[term]`` when given (a data-parallel rank's share), and the positives'
+        item keys."""
         enc, u, ua, ia = fp.enc, fp.u, fp.user_aug, fp.item_aug
         b = len(xs)
         v, v_neg = _split(fp.v, b) if negs else (fp.v, None)
@@ -446,6 +448,18 @@ class TwoTowerLearner:
                 cats = [x.get(self.category_field) for x in xs]
                 cats = [feature_key(c[0] if isinstance(c, tuple) and c else c) if c is not None else None for c in cats]
                 parts["category"] = self.category_weight * losses.category_alignment(v.vec, cats)
+        if scale is not None:
+            parts = {k: t * scale[k] for k, t in parts.items()}
+        return parts, pos_keys
+
+    def _learn_batch(self, xs: Sequence[X], ys: np.ndarray) -> None:
+        self.step += 1
+        self._expire()
+        use_softmax = self.loss in ("softmax", "both")
+        negs = self._sample_negatives() if use_softmax else []
+        fp = self._forward(xs, insert=True, extra_items=negs)
+        b = len(xs)
+        parts, pos_keys = self._loss_parts(fp, xs, ys, negs, use_softmax)
         self.last_loss = {k: float(t.detach()) for k, t in parts.items()}
         if parts:
             self.optimizer.zero_grad(set_to_none=True)
@@ -460,6 +474,113 @@ class TwoTowerLearner:
             if self.random_negatives > 0:
                 self._remember_items(xs)
         self.n_learned += b
+
+    # ------------------------------------------------------------------ data parallel
+    def _union_rows(self, xs: Sequence[X], negs: list) -> tuple[list[tuple[EmbeddingStore, torch.Tensor]], list]:
+        """Allocate and touch the rows of every id in ``xs`` (and the negatives' items) in the
+        order :meth:`_forward` allocates them (store, then DAT ``a_u``, ``a_v``, then item
+        bias: the same generator draws); returns each sparse entry's unique rows (U,) and
+        the item keys of ``xs``."""
+        items = list(xs) + list(negs) if negs else xs
+        enc = self.encoder.encode(xs, items, insert=True, step=self.step, unique=True)
+        out = [(self.store, enc.rows)]
+        if self.dat:
+            out.append((self.aug_store, self._id_vectors(self.aug_store, enc.user_keys, "a_u", True)[1]))
+            out.append((self.aug_store, self._id_vectors(self.aug_store, enc.item_keys, "a_v", True)[1]))
+        if self.item_bias:
+            out.append((self.bias_store, self._id_vectors(self.bias_store, enc.item_keys[: len(xs)], "b_v", True)[1]))
+        return out, enc.item_keys[: len(xs)]
+
+    def learn_shard(self, xs: Sequence[X], ys: Sequence[int] | np.ndarray, mine: Sequence[int],
+                    all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """One data-parallel step of a group of ranks: ``xs, ys`` (B,) is the union of every
+        rank's micro-batch (the same list, in the same order, on every rank), ``mine`` the
+        indices in it of this rank's examples, ``all_reduce`` sums a flat float32 tensor over
+        the ranks (every rank calls it exactly once per step, in step) and returns the sum.
+
+        Every rank keeps the non-parameter state identical from the union: the step and
+        expiry, rows allocated for new ids (in the union's order, so the same rows and
+        generator draws as :meth:`learn_many` of the union), the negatives drawn, the
+        frequency estimate and the negative buffer. Only this rank's examples go through
+        forward and backward. Each loss term is scaled by this rank's share so that the
+        ranks' gradients sum to the union's where the term decomposes per example: BCE by
+        ``b_r / B``, DAT's mimic by the share of positives. The in-batch terms (sampled
+        softmax over the batch's positives by ``p_r / P``, CIR InfoNCE by ``p_r / P``, DAT
+        category alignment by ``b_r / B``) are per-rank in-batch terms, as in DDP with
+        per-GPU in-batch negatives: a rank's positives are contrasted with its own batch's
+        (and the shared random negatives), not with the other ranks'. One ``all_reduce``
+        of ``[grad-present flags | dense grads | grads of the step's rows (U_k, dim) per
+        sparse entry]`` is summed, then every rank applies the same Adam step and sparse
+        Adagrad (per-example gradients: times the union size B) with the same sums, so all
+        ranks hold bitwise the same state. ``last_loss`` is this rank's own, unscaled.
+        The union is one micro-batch (``batch_size`` does not split it).
+        """
+        ys = np.asarray(ys, dtype=np.float32).reshape(-1)
+        if len(ys) != len(xs):
+            raise ValueError(f"learn_shard got {len(xs)} examples and {len(ys)} labels")
+        mine = np.asarray(mine, dtype=np.int64).reshape(-1)
+        if len(xs) == 0:
+            all_reduce(torch.zeros(0))
+            return
+        self._ensure_built(xs)
+        self.step += 1
+        self._expire()
+        use_softmax = self.loss in ("softmax", "both")
+        negs = self._sample_negatives() if use_softmax else []
+        union_rows, item_keys = self._union_rows(xs, negs)
+        big_b, big_p = len(xs), int((ys > 0).sum())
+        own_xs, own_ys = [xs[i] for i in mine.tolist()], ys[mine]
+        b, p = len(own_xs), int((own_ys > 0).sum())
+        share = b / big_b
+        pshare = p / big_p if big_p else 0.0
+        scale = {"bce": share, "softmax": pshare, "cir": pshare, "category": share,
+                 "mimic": max(p, 1) / max(big_p, 1)}
+        params = [q for g in self.optimizer.param_groups for q in g["params"]]
+        self.optimizer.zero_grad(set_to_none=True)
+        own_sparse: list = []
+        parts: dict[str, torch.Tensor] = {}
+        if b:
+            fp = self._forward(own_xs, insert=True, extra_items=negs)
+            parts, _ = self._loss_parts(fp, own_xs, own_ys, negs, use_softmax, scale)
+            if parts:
+                sum(parts.values()).backward()
+            own_sparse = fp.sparse
+        self.last_loss = {k: float(t.detach()) / scale[k] if scale[k] else 0.0 for k, t in parts.items()}
+        flags = torch.tensor([0.0 if q.grad is None else 1.0 for q in params])
+        pieces = [flags] + [torch.zeros(q.numel()) if q.grad is None else q.grad.reshape(-1) for q in params]
+        for k, (store, rows) in enumerate(union_rows):
+            g = torch.zeros(len(rows), store.dim)
+            if k < len(own_sparse):
+                _, own_rows, leaf = own_sparse[k]
+                if leaf.grad is not None and len(own_rows):
+                    at = np.searchsorted(rows.numpy(), own_rows.numpy())
+                    g.index_copy_(0, torch.from_numpy(at), leaf.grad)
+            pieces.append(g.reshape(-1))
+        flat = all_reduce(torch.cat(pieces).float())
+        i = len(params)
+        any_grad = False
+        for q, f in zip(params, flat[:i].tolist()):
+            n = q.numel()
+            if f > 0:
+                q.grad = flat[i:i + n].reshape(q.shape).clone()
+                any_grad = True
+            else:
+                q.grad = None
+            i += n
+        if any_grad:
+            self.optimizer.step()
+            for store, rows in union_rows:
+                n = len(rows) * store.dim
+                if n:
+                    # per-example gradients of the union (the loss summed over its B examples)
+                    store.adagrad_(rows, flat[i:i + n].reshape(len(rows), store.dim).mul(big_b), self.lr_sparse)
+                i += n
+        self.optimizer.zero_grad(set_to_none=True)
+        if use_softmax:
+            self.freq.update([item_keys[i] for i in np.flatnonzero(ys > 0).tolist()], self.step)
+            if self.random_negatives > 0:
+                self._remember_items(xs)
+        self.n_learned += big_b
 
     # ------------------------------------------------------------------ two-tower extras
     @staticmethod
