@@ -21,15 +21,28 @@ here keep numpy state), and:
   the gradient. It is how lr was synced before: it shrank a weight by SGD's L2 once per
   touching rank, and summed FTRL's ``n`` increments as ``sum(g_r**2)`` over ranks rather
   than ``(sum(g_r))**2``, with the matching ``sigma`` terms.)
-* **examples mode** -- a learner without those hooks (the CTR baseline; the two-tower,
-  IntTower and DAT updaters, whose embedding rows are allocated per id as ids arrive)
-  is kept as one model by replicated learning: each rank predicts its own micro-batch
-  (the prequential test), the ranks all-gather their micro-batches and every rank learns
-  their union in partition order -- the same ``learn_many`` a 1-rank run of this runtime
-  makes, so every rank holds bitwise the same model (:func:`state_digest`). Reading,
-  decoding, validation and the prequential predictions are split over the ranks; the
-  learning step itself is repeated on each (the sharded-embedding exchange that would
-  split it too is not built);
+* **data-parallel mode** -- a learner with ``learn_shard`` (the two-tower, IntTower and
+  DAT updaters, whose embedding rows are allocated per id as ids arrive): each rank
+  predicts its own micro-batch, the ranks all-gather their micro-batches (a few hundred
+  bytes an event) so that every rank knows the step's union, and
+  ``learn_shard(union_xs, union_ys, mine, all_reduce)`` uses the union only for the
+  non-parameter state (rows for new ids allocated in the union's order, step, expiry,
+  negatives drawn, frequency estimate, negative buffer: identical on every rank), runs
+  forward and backward on this rank's examples alone, and sums
+  ``[dense grads | grads of the step's rows | control counters]`` in ONE all-reduce;
+  every rank then applies the same Adam and sparse Adagrad steps, so all ranks hold
+  bitwise the same state (:func:`state_digest`). Per-example loss terms (BCE, DAT's
+  mimic) are scaled so the summed gradient is the union batch's; the in-batch terms
+  (sampled softmax, CIR InfoNCE, DAT category alignment) are per-rank in-batch, as in
+  DDP with per-GPU in-batch negatives. Not bitwise equal to a 1-rank run (the float sums
+  are ordered otherwise, and the in-batch terms see a rank's batch, not the union);
+* **examples mode** -- a learner without those hooks (the CTR baseline; or any learner
+  with ``sync_mode="examples"``) is kept as one model by replicated learning: each rank
+  predicts its own micro-batch (the prequential test), the ranks all-gather their
+  micro-batches and every rank learns their union in partition order -- the same
+  ``learn_many`` a 1-rank run of this runtime makes, so every rank holds bitwise the same
+  model (:func:`state_digest`). Reading, decoding, validation and the prequential
+  predictions are split over the ranks; the learning step itself is repeated on each;
 * **one coherent checkpoint** -- at a checkpoint step (agreed through the same
   all-reduce) the ranks gather their offsets, rank 0 writes one ordinary checkpoint with
   the model and every partition's next offset (atomic, fsync'ed), all ranks pass a
@@ -78,6 +91,7 @@ __all__ = ["GroupError", "assign_partitions", "init_group", "model_digest", "Dis
 log = logging.getLogger(__name__)
 
 _CONTROL = 4  # learned, stop requested, idle, checkpoint due
+_MODES = ("gradient", "delta", "data-parallel", "examples")
 
 
 class GroupError(StreamsError):
@@ -198,14 +212,21 @@ def _check_learner(learner: Any) -> None:
         )
 
 
-def _sync_mode(learner: Any) -> str:
-    """``gradient`` (summed gradients, one step), ``delta`` (summed array changes) or
-    ``examples`` (the ranks' micro-batches gathered, every rank learns their union)."""
-    if _by_gradient(learner):
-        return "gradient"
-    if callable(getattr(learner, "sync_arrays", None)):
-        return "delta"
-    return "examples"
+def _sync_mode(learner: Any, wanted: str | None = None) -> str:
+    """``gradient`` (summed gradients, one step), ``delta`` (summed array changes),
+    ``data-parallel`` (``learn_shard``: own examples' gradients summed, the union's
+    non-parameter state kept on every rank) or ``examples`` (the ranks' micro-batches
+    gathered, every rank learns their union). ``wanted`` picks one the learner supports."""
+    have = [m for m, ok in (("gradient", _by_gradient(learner)),
+                            ("delta", callable(getattr(learner, "sync_arrays", None))),
+                            ("data-parallel", callable(getattr(learner, "learn_shard", None))),
+                            ("examples", True)) if ok]
+    if wanted is None:
+        return have[0]
+    if wanted not in have:
+        raise ConfigError(f"sync mode {wanted!r} is not one learner {learner.spec['name']!r} supports: "
+                          f"pick one of {have}")
+    return wanted
 
 
 class DistributedLearnerRuntime:
@@ -214,7 +235,8 @@ class DistributedLearnerRuntime:
     Parameters mirror :class:`learners.runtime.StreamLearnerRuntime`; ``max_events`` and
     ``checkpoint_every_n`` count events of all ranks together, ``per_partition`` is the
     most events a step takes from one partition (default ``batch_size`` split over the
-    rank's partitions).
+    rank's partitions). ``sync_mode`` picks one of the learner's modes (see the module doc;
+    ``None``: the first it supports of gradient, delta, data-parallel, examples).
     """
 
     def __init__(self, settings: KafkaSettings, learner: Any, group_id: str, topics: Topics = Topics(),
@@ -222,6 +244,7 @@ class DistributedLearnerRuntime:
                  per_partition: int | None = None, checkpoint_every_n: int | None = None,
                  checkpoint_every_s: float | None = 30.0, max_events: int | None = None,
                  idle_timeout_s: float | None = None, poll_timeout_s: float = 0.5, metrics: Any = None,
+                 sync_mode: str | None = None,
                  clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time) -> None:
         if not dist.is_initialized():
             raise ConfigError("DistributedLearnerRuntime needs the process group: call init_group first")
@@ -247,15 +270,17 @@ class DistributedLearnerRuntime:
         self.comm_s = 0.0  # seconds in the per-step all-reduce (and its copies)
         self.bytes_per_step = 0  # payload of one step's all-reduce, per rank
         self.allreduce_s = 0.0  # seconds inside dist.all_reduce alone (a subset of comm_s)
+        self.gather_s = 0.0  # data-parallel: seconds inside the micro-batch all-gather (a subset of allreduce_s)
+        self.gather_bytes = self.reduce_bytes = 0  # data-parallel: mean pickled payload / all-reduce bytes a step
         # steps that learned events (group-wide): their count, wall and CPU seconds, sync share
         self.work = {"steps": 0, "events": 0, "wall_s": 0.0, "cpu_s": 0.0, "comm_s": 0.0, "allreduce_s": 0.0}
         self.resumed = False
         self._resume()
-        self.mode = _sync_mode(learner)
+        self.mode = _sync_mode(learner, sync_mode)
         if self.by_gradient:
             learner.defer_updates()
         self._taken: list[tuple[int, int]] = []  # this step's (partition, impressions), in take order
-        self._gather_bytes = self._gather_steps = 0
+        self._gather_bytes = self._gather_steps = self._reduce_total = 0
 
     @property
     def by_gradient(self) -> bool:
@@ -314,6 +339,68 @@ class DistributedLearnerRuntime:
         self.comm_s += time.perf_counter() - t0
         return ctl.numpy().copy()
 
+    def _gather_union(self, xs: list[Any], ys: np.ndarray) -> tuple[list[Any], np.ndarray, list[int], int]:
+        """All-gather every rank's micro-batch (split by partition); returns the union in
+        partition order, its labels, the indices of this rank's examples in it and the
+        pickled size of this rank's part."""
+        bounds = np.cumsum([0] + [n for _, n in self._taken])
+        mine = [(p, xs[a:b], ys[a:b].tolist()) for (p, _), a, b in zip(self._taken, bounds[:-1], bounds[1:])]
+        gathered: list[Any] = [None] * self.world_size
+        t = time.perf_counter()
+        dist.all_gather_object(gathered, mine)
+        dt = time.perf_counter() - t
+        self.gather_s += dt
+        self.allreduce_s += dt
+        parts = sorted(((part, r) for r, rank_parts in enumerate(gathered) for part in rank_parts),
+                       key=lambda pr: pr[0][0])
+        all_xs: list[Any] = []
+        all_ys: list[int] = []
+        own: list[int] = []
+        for (_, px, py), r in parts:
+            if r == self.rank:
+                own.extend(range(len(all_xs), len(all_xs) + len(px)))
+            all_xs.extend(px)
+            all_ys.extend(py)
+        return all_xs, np.asarray(all_ys, dtype=np.int64), own, len(pickle.dumps(mine))
+
+    def _sync_shards(self, control: list[float], xs: list[Any], ys: np.ndarray) -> np.ndarray:
+        """Data-parallel mode: gather the micro-batches so every rank knows the union, then
+        the learner's ``learn_shard`` learns this rank's part, its gradients and the control
+        counters summed in one all-reduce (the learner calls ``reduce`` once)."""
+        t0 = time.perf_counter()
+        all_xs, all_ys, own, sent = self._gather_union(xs, ys)
+        ctl = torch.tensor(control, dtype=torch.float32)  # small counts and flags: exact in float32
+        total: list[np.ndarray] = []
+        t_learn = [0.0]
+
+        def reduce(flat: torch.Tensor) -> torch.Tensor:
+            t_in = time.perf_counter()
+            buf = torch.cat([flat.to(torch.float32).reshape(-1), ctl])
+            t_ar = time.perf_counter()
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+            self.allreduce_s += time.perf_counter() - t_ar
+            total.append(buf[-_CONTROL:].double().numpy().copy())
+            self._step_reduce_bytes = buf.numel() * buf.element_size()
+            t_learn[0] -= time.perf_counter() - t_in  # the exchange is communication, not learning
+            return buf[:-_CONTROL]
+
+        if all_xs:
+            t_l = time.perf_counter()
+            self.learner.learn_shard(all_xs, all_ys, own, reduce)
+            t_learn[0] += time.perf_counter() - t_l
+        else:
+            reduce(torch.zeros(0))
+        if len(total) != 1:
+            raise RuntimeError(f"learn_shard called all_reduce {len(total)} times in a step, not once")
+        if all_xs:
+            n = self._gather_steps = self._gather_steps + 1
+            self._gather_bytes += sent
+            self._reduce_total += self._step_reduce_bytes
+            self.gather_bytes, self.reduce_bytes = self._gather_bytes // n, self._reduce_total // n
+            self.bytes_per_step = self.gather_bytes + self.reduce_bytes
+        self.comm_s += time.perf_counter() - t0 - t_learn[0]
+        return total[0]
+
     def _sync(self, before: list[np.ndarray] | None, n_before: int, control: list[float]) -> np.ndarray:
         """One synchronous update of the model from every rank's step, and the control
         counters summed in the same all-reduce. Returns the summed control.
@@ -367,12 +454,14 @@ class DistributedLearnerRuntime:
         Path(f"{prefix}.rank{self.rank}.json").write_text(json.dumps({
             "rank": self.rank, "world_size": self.world_size, "steps": self._steps, "elapsed_s": elapsed,
             "events_learned_run": self._learned_run, "comm_s": self.comm_s, "allreduce_s": self.allreduce_s,
-            "bytes_per_step": self.bytes_per_step, "cpu_s": time.process_time(), "work": self.work}))
+            "bytes_per_step": self.bytes_per_step, "cpu_s": time.process_time(), "work": self.work,
+            "mode": self.mode, "gather_s": self.gather_s, "gather_bytes": self.gather_bytes,
+            "reduce_bytes": self.reduce_bytes}))
 
     def digest(self) -> str:
-        """:func:`model_digest` of this rank's synced arrays (examples mode:
-        :func:`state_digest` of the whole ``state_dict``)."""
-        if self.mode == "examples":
+        """:func:`model_digest` of this rank's synced arrays (examples and data-parallel
+        modes: :func:`state_digest` of the whole ``state_dict``)."""
+        if self.mode in ("examples", "data-parallel"):
             return state_digest(self.learner.state_dict())
         return model_digest(self._arrays())
 
@@ -411,7 +500,8 @@ class DistributedLearnerRuntime:
         if self.checkpoint_path is not None and self.rank == 0:
             save_checkpoint(
                 self.checkpoint_path, self.learner, nest_offsets(offsets), self._events_learned,
-                extra={"group_id": self.group_id, "world_size": self.world_size, "rank_digests": digests,
+                extra={"group_id": self.group_id, "world_size": self.world_size, "sync_mode": self.mode,
+                       "rank_digests": digests,
                        "metrics": group_metrics, "reason": why}, clock=self.wall_clock)
         dist.barrier()  # the checkpoint is durable before any rank commits
         self._checkpoints += 1
@@ -529,7 +619,7 @@ class DistributedLearnerRuntime:
                 n_before = int(getattr(self.learner, "n_learned", 0))
                 xs = [event_to_x(e) for e in imps]
                 ys = np.fromiter((e.label for e in imps), dtype=np.int64, count=len(imps))
-                if imps and self.mode == "examples":  # test on this rank's part; the union is learned in the sync
+                if imps and self.mode in ("examples", "data-parallel"):  # test this rank's part; learned in the sync
                     self.metrics.update(ys, np.asarray(self.learner.predict_proba_many(xs), dtype=np.float64))
                 elif imps:
                     prequential_step(self.learner, xs, ys, self.metrics)
@@ -537,8 +627,12 @@ class DistributedLearnerRuntime:
                 due = (self.rank == 0 and self.checkpoint_every_s is not None
                        and now - self._last_checkpoint >= self.checkpoint_every_s)
                 control = [len(imps), self._stop.is_set(), idle, due]
-                total = (self._sync_examples(control, xs, ys) if self.mode == "examples"
-                         else self._sync(before, n_before, control))
+                if self.mode == "examples":
+                    total = self._sync_examples(control, xs, ys)
+                elif self.mode == "data-parallel":
+                    total = self._sync_shards(control, xs, ys)
+                else:
+                    total = self._sync(before, n_before, control)
                 self._steps += 1
                 learned = int(total[0])
                 if learned:
