@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import fnmatch
 import zlib
-from itertools import chain
+from itertools import chain, repeat
 from operator import itemgetter
 from dataclasses import dataclass
 from typing import Any, Iterable, NamedTuple, Sequence
@@ -44,7 +44,7 @@ from typing import Any, Iterable, NamedTuple, Sequence
 import numpy as np
 
 from learners.base import CTX_PREFIX, X, columns_to_xs, prefixed_names
-from streams.columns import NO_VALUE, EventColumns
+from streams.columns import EventColumns
 
 __all__ = ["FeatureHasher", "HashedBatch", "DEFAULT_CROSSES", "stable_hash", "feature_tokens"]
 
@@ -207,6 +207,19 @@ def _join_rows(rows_a: np.ndarray, rows_b: np.ndarray, n_rows: int) -> tuple[np.
     return ia, ib
 
 
+class _BlockTable:
+    """The value codes of interned feature mappings with one set of names, direct-mapped:
+    block ``b`` lives in slot ``b % slots`` (``owner`` says which block a slot holds). Block
+    ids are handed out in sequence, so the mappings in use sit in distinct slots unless
+    more than ``slots`` of them are live; a slot taken over is recomputed on its next use."""
+
+    def __init__(self, width: int, slots: int) -> None:
+        self.mask = slots - 1
+        self.owner = np.full(slots, -1, dtype=np.int64)
+        self.codes = np.zeros((slots, width), dtype=np.int64)
+        self.numbers = np.zeros((slots, width))
+
+
 class FeatureHasher:
     """Hash examples into ``2**bits`` buckets with field crosses (see the module docstring).
 
@@ -226,6 +239,10 @@ class FeatureHasher:
     max_cache
         Number of cached values; the cache is cleared when it grows past it. It holds no
         state (codes are recomputed identically), it only saves time.
+    block_slots
+        Slots (a power of two) of the tables that keep the codes of interned feature
+        mappings (:class:`~streams.columns.FeatureBlocks`) per (side, names) for
+        :meth:`transform_columns` (again: time, not state).
     """
 
     def __init__(
@@ -235,6 +252,7 @@ class FeatureHasher:
         categorical: Sequence[str] = ("ctx:position",),
         exclude: Sequence[str] = _EXCLUDE_DEFAULT,
         max_cache: int = 1_000_000,
+        block_slots: int = 1 << 16,
     ) -> None:
         if not 1 <= int(bits) <= 31:
             raise ValueError(f"bits must be in 1..31, got {bits}")
@@ -246,6 +264,10 @@ class FeatureHasher:
         self.categorical = frozenset(categorical)
         self.exclude = frozenset(exclude)
         self.max_cache = int(max_cache)
+        if block_slots < 1 or block_slots & (block_slots - 1):
+            raise ValueError(f"block_slots must be a power of two, got {block_slots}")
+        self.block_slots = int(block_slots)
+        self._block_tables: dict[tuple[str, tuple[str, ...]], _BlockTable] = {}
         self._shift = np.uint64(64 - self.bits)
         self._cache = _ValueCache()
         self._cache.miss = self._miss
@@ -385,6 +407,7 @@ class FeatureHasher:
             self._cache.clear()
             self._groups = [()]
             self._group_arrays = self._no_groups()
+            self._block_tables.clear()  # their codes name groups that are gone
 
     def _batch(self, parts: list[_Part], n_rows: int) -> HashedBatch:
         if not parts:
@@ -430,30 +453,75 @@ class FeatureHasher:
         return self._parts_from_codes(layout, codes.reshape(n_rows, n_f), numbers.reshape(n_rows, n_f))
 
     def _parts_columns(self, cols: EventColumns) -> list[_Part] | None:
-        """Parts of a column batch, one look-up pass per block of fields; ``None`` when its
-        rows differ in their fields (then the dict path decides)."""
+        """Parts of a column batch; ``None`` when its rows differ in their fields (then the
+        dict path decides). Each side's feature codes come from :meth:`_block_codes` (one
+        look-up per distinct interned mapping), the ids' from one look-up pass each, the
+        positions' straight from the column."""
         n_rows = len(cols)
         if not n_rows:
             return []
-        if cols.position.dtype != np.int64 or bool((cols.position == NO_VALUE).any()) or None in cols.item_id:
+        position = cols.position
+        if position.dtype != np.int64 or None in cols.item_id:
             return None
-        user_names, item_names = set(map(tuple, cols.user_features)), set(map(tuple, cols.item_features))
-        if len(user_names) != 1 or len(item_names) != 1:
+        if bool((position < 0).any()) or bool((position >= (1 << 31)).any()):  # NO_VALUE, or beyond the int code
             return None
-        u, i = user_names.pop(), item_names.pop()
+        user = self._block_codes("user", cols.user_block, cols.user_features)
+        item = self._block_codes("item", cols.item_block, cols.item_features)
+        if user is None or item is None:
+            return None
+        (u, u_codes, u_numbers), (i, i_codes, i_numbers) = user, item
         names = ("user_id", *prefixed_names(u, False), "item_id", *prefixed_names(i, True), CTX_PREFIX + "position")
         layout = self._layout(names)
-        blocks = [(cols.user_id, 1), (chain.from_iterable(map(dict.values, cols.user_features)), len(u)),
-                  (cols.item_id, 1), (chain.from_iterable(map(dict.values, cols.item_features)), len(i)),
-                  (cols.position.tolist(), 1)]
-        looked = [self._lookup(values, n_rows * width) for values, width in blocks]
-        codes = np.hstack([c.reshape(n_rows, w) for (c, _), (_, w) in zip(looked, blocks)])
-        numbers = np.hstack([x.reshape(n_rows, w) for (_, x), (_, w) in zip(looked, blocks)])
+        uid_codes, uid_numbers = self._lookup(cols.user_id, n_rows)
+        iid_codes, iid_numbers = self._lookup(cols.item_id, n_rows)
+        pos_codes = (position | _INT)[:, None]
+        codes = np.hstack([uid_codes[:, None], u_codes, iid_codes[:, None], i_codes, pos_codes])
+        numbers = np.hstack([uid_numbers[:, None], u_numbers, iid_numbers[:, None], i_numbers,
+                             np.zeros((n_rows, 1))])
         if len(layout.used) < len(names):
             codes, numbers = codes[:, layout.used], numbers[:, layout.used]
         if not codes.shape[1]:
             return []
         return self._parts_from_codes(layout, codes, numbers)
+
+    def _block_codes(self, side: str, blocks: np.ndarray, mappings: list[dict[str, Any]]
+                     ) -> tuple[tuple[str, ...], np.ndarray, np.ndarray] | None:
+        """``(names, codes (B, n), numbers (B, n))`` of one side's feature mappings, when
+        every row has the same names: each interned block's codes are computed once and kept
+        in a direct-mapped table per (side, names), so a batch of known mappings costs a few
+        array operations, not a look-up per value. Rows whose mapping is not interned
+        (:data:`~streams.columns.NO_BLOCK`) are looked up value by value."""
+        n_rows = len(mappings)
+        names = tuple(mappings[0])
+        width = len(names)
+        table = self._block_tables.get((side, names))
+        if table is None:
+            table = self._block_tables[(side, names)] = _BlockTable(width, self.block_slots)
+        slot = blocks & table.mask
+        known = table.owner[slot] == blocks  # NO_BLOCK never owns a slot
+        if not known.all():
+            new, first = np.unique(blocks[~known], return_index=True)
+            new_slots = new & table.mask
+            if new[0] < 0 or len(np.unique(new_slots)) < len(new_slots):  # not interned, or two in one slot
+                return self._value_codes(mappings, names)
+            rows = np.flatnonzero(~known)[first].tolist()
+            fresh = [mappings[j] for j in rows]
+            if any(tuple(m) != names for m in fresh):
+                return None  # rows with other names: the dict path decides
+            codes, numbers = self._lookup(chain.from_iterable(map(dict.values, fresh)), len(fresh) * width)
+            table.codes[new_slots] = codes.reshape(len(fresh), width)
+            table.numbers[new_slots] = numbers.reshape(len(fresh), width)
+            table.owner[new_slots] = new
+        return names, table.codes[slot], table.numbers[slot]
+
+    def _value_codes(self, mappings: list[dict[str, Any]], names: tuple[str, ...]
+                     ) -> tuple[tuple[str, ...], np.ndarray, np.ndarray] | None:
+        """:meth:`_block_codes` without the table: a look-up per value."""
+        if any(tuple(m) != names for m in mappings):
+            return None
+        n_rows, width = len(mappings), len(names)
+        codes, numbers = self._lookup(chain.from_iterable(map(dict.values, mappings)), n_rows * width)
+        return names, codes.reshape(n_rows, width), numbers.reshape(n_rows, width)
 
     def _parts_from_codes(self, layout: _Layout, codes: np.ndarray, numbers: np.ndarray) -> list[_Part]:
         """Parts of the (B, used fields) code matrix of a batch whose rows share their fields."""

@@ -33,6 +33,7 @@ from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 
+from learners import _kernels
 from learners.base import X
 from learners.hashing import FeatureHasher, HashedBatch
 from learners.metrics import as_labels
@@ -70,6 +71,9 @@ class HashedLogisticRegression:
 
     #: ``learn_many`` uses the weights from before the batch for the whole batch.
     learn_many_is_sequential = False
+    #: Learn through the compiled kernels (:mod:`learners._kernels`); ``False`` runs the
+    #: numpy expressions they replace (bitwise the same results, slower).
+    use_kernels = True
 
     def __init__(
         self,
@@ -108,6 +112,7 @@ class HashedLogisticRegression:
             self._z = np.zeros(size)
             self._n = np.zeros(size)
         self._slot = np.zeros(size, dtype=np.int64)  # scratch for de-duplicating coordinates
+        self._scratch: tuple[np.ndarray, np.ndarray] | None = None  # the kernels' (gradient, mark)
         self._pending: np.ndarray | None = None  # deferred mode: the summed gradient not yet applied
         self._touched: np.ndarray | None = None  # deferred mode: the coordinates it touched
         self.n_learned = 0
@@ -138,11 +143,28 @@ class HashedLogisticRegression:
 
     def _forward(self, xs: Sequence[X]) -> tuple[np.ndarray, HashedBatch]:
         batch = self.hasher.transform(xs)
-        logit = np.bincount(batch.rows, weights=self._w[batch.cols] * batch.vals, minlength=batch.n_rows)
-        return _sigmoid(logit + self._w[self._bias]), batch
+        return self._predict(batch), batch
+
+    def _predict(self, batch: HashedBatch) -> np.ndarray:
+        if self.use_kernels:
+            logit = _kernels.logits(batch.rows, batch.cols, batch.vals, self._w, batch.n_rows)
+        else:
+            logit = np.bincount(batch.rows, weights=self._w[batch.cols] * batch.vals, minlength=batch.n_rows)
+        return _sigmoid(logit + self._w[self._bias])
 
     def _update(self, p: np.ndarray, ys: np.ndarray, batch: HashedBatch) -> None:
         err = p - ys
+        if self.use_kernels and self._pending is None:
+            if self._scratch is None:
+                self._scratch = (np.zeros_like(self._w), np.zeros(self._w.shape, dtype=np.bool_))
+            gacc, mark = self._scratch
+            args = (batch.rows, batch.cols, batch.vals, err, err.sum(), self._bias, self._w)
+            if self.optimizer == "ftrl":
+                _kernels.ftrl_step(*args, self._z, self._n, gacc, mark, self.alpha, self.beta, self.l1, self.l2)
+            else:
+                _kernels.sgd_step(*args, gacc, mark, self.lr, self.l2)
+            self.n_learned += len(p)
+            return
         cols = batch.cols
         g_entry = err[batch.rows] * batch.vals
         # de-duplicate coordinates in O(N): each entry finds its coordinate's representative
@@ -204,8 +226,7 @@ class HashedLogisticRegression:
             return np.zeros(0)
         ys = as_labels(cols.label, len(cols))
         batch = self.hasher.transform_columns(cols)
-        logit = np.bincount(batch.rows, weights=self._w[batch.cols] * batch.vals, minlength=batch.n_rows)
-        p = _sigmoid(logit + self._w[self._bias])
+        p = self._predict(batch)
         self._update(p, ys, batch)
         return p
 

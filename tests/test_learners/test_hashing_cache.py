@@ -71,3 +71,36 @@ def test_new_multi_valued_groups_after_the_first_batch_are_hashed_from_their_own
     assert by_row[0] == fresh.transform([{"i:tags": ("c",)}]).cols.tolist()
     assert by_row[2] == sorted(fresh.transform([{"i:tags": ("f", "e", "d")}]).cols.tolist())
     assert len(set(by_row[0] + by_row[1] + by_row[2])) == 6
+
+
+@pytest.mark.parametrize("block_slots,max_cache", [(1 << 16, 1_000_000), (8, 1_000_000), (4, 60)])
+def test_column_batches_hash_like_their_dicts_whatever_the_block_tables_hold(block_slots: int,
+                                                                              max_cache: int) -> None:
+    """transform_columns reads each interned mapping's codes from a direct-mapped table: with
+    room for every mapping, with a table so small that mappings keep taking each other's
+    slots (two in one slot in a batch fall back to value look-ups), and with the value cache
+    cleared under it (which empties the tables), every batch hashes exactly like the dict
+    path of a fresh hasher."""
+    from learners.base import columns_to_xs
+    from streams.columns import FeatureBlocks, decode_columns
+    from streams.events import Event, encode_event
+
+    rng = random.Random(11)
+    users = [{"a": rng.choice(["p", "q"]) + str(k), "s": rng.choice([0.5, -3, 7.0, 2**35, 4]),
+              "t": tuple(rng.choice("abcd") + str(rng.randrange(20)) for _ in range(rng.randrange(0, 3)))}
+             for k in range(30)]
+    items = [{"c": f"c{k % 7}", "tags": tuple(f"g{rng.randrange(15)}" for _ in range(rng.randrange(0, 4)))}
+             for k in range(40)]
+    blocks = FeatureBlocks()
+    warm = FeatureHasher(bits=20, block_slots=block_slots, max_cache=max_cache)
+    for b in range(25):
+        raws = []
+        for j in range(rng.randrange(1, 80)):
+            u, i = rng.randrange(len(users)), rng.randrange(len(items))
+            raws.append(encode_event(Event(kind="impression", event_id=f"e{b}-{j}", event_time=1.0, user_id=f"u{u}",
+                                           request_id="r", user_features=users[u], item_id=f"i{i}",
+                                           item_features=items[i], label=j % 2, position=j % 4)))
+        cols = decode_columns(raws, blocks)[0]
+        assert (cols.user_block >= 0).all()
+        got = warm.transform_columns(cols)
+        assert _same(got, FeatureHasher(bits=20).transform(columns_to_xs(cols)))

@@ -239,3 +239,37 @@ def test_river_lr_learns_the_true_click_probabilities():
     lrn.learn_many(xs, ys)
     p = lrn.predict_proba_many([{"item_id": f"i{i}"} for i in range(len(true_ctr))])
     assert np.abs(p - true_ctr).max() < 0.08
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"optimizer": "ftrl"},
+        {"optimizer": "ftrl", "l1": 0.0, "l2": 0.0},
+        {"optimizer": "sgd", "lr": 0.01, "l2": 0.1},
+        {"optimizer": "sgd", "lr": 0.01, "l2": 0.0},
+    ],
+)
+def test_compiled_kernels_learn_bitwise_what_the_numpy_step_learns(params):
+    """The numba kernels (learners._kernels) replace numpy expressions term for term: on a
+    stream with numbers, multi-valued features, crosses and repeated coordinates, the
+    predictions and every model array must be bitwise equal, batch after batch."""
+    xs, ys, _ = item_stream(6_000, seed=3)
+    rng = np.random.default_rng(3)
+    xs = [dict(x, user_id=f"u{rng.integers(0, 40)}", **{"u:score": float(rng.normal()),
+                                                         "i:tags": tuple(f"t{t}" for t in rng.integers(0, 9, 2)),
+                                                         "ctx:position": int(rng.integers(0, 5))})
+          for x in xs]
+    fast = HashedLogisticRegression(bits=12, **params)
+    slow = HashedLogisticRegression(bits=12, **params)
+    slow.use_kernels = False
+    assert fast.use_kernels
+    for s in range(0, len(xs), 500):
+        p_fast = fast.predict_learn_many(xs[s:s + 500], ys[s:s + 500])
+        p_slow = slow.predict_learn_many(xs[s:s + 500], ys[s:s + 500])
+        assert np.array_equal(p_fast, p_slow)
+    assert np.any(p_fast != p_fast[0])  # it learned something that tells examples apart
+    for name, value in fast.state_dict().items():
+        if isinstance(value, np.ndarray):
+            assert np.array_equal(value, slow.state_dict()[name]), name
+    assert np.array_equal(fast.predict_proba_many(xs[:100]), slow.predict_proba_many(xs[:100]))

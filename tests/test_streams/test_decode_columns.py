@@ -16,7 +16,7 @@ import numpy as np
 import orjson
 import pytest
 
-from streams.columns import KIND_CODES, NO_VALUE, EventColumns, decode_columns
+from streams.columns import KIND_CODES, NO_BLOCK, NO_VALUE, EventColumns, FeatureBlocks, decode_columns
 from streams.events import Event, decode_events, encode_event
 from streams.simulator import ClickSimulator, SimulatorConfig
 
@@ -109,3 +109,58 @@ def test_take_of_kind_and_from_events_round_trip(sim_records: list[bytes]) -> No
     assert cols.take(slice(10, 20)).events() == events[10:20]
     assert all(isinstance(e, Event) for e in cols.take(np.array([5, 1])).events())
     assert cols.take(np.array([5, 1])).events() == [events[5], events[1]]
+
+
+def _mappings_by_block(cols: EventColumns, seen: dict[int, dict]) -> None:
+    """Every row's block id denotes one mapping: the same id is the same dict object (also
+    across batches, through ``seen``), and a different id is a different object."""
+    for side in ("user", "item"):
+        for block, features in zip(getattr(cols, f"{side}_block").tolist(), getattr(cols, f"{side}_features")):
+            assert block != NO_BLOCK
+            if block in seen:
+                assert seen[block] is features
+            seen[block] = features
+    by_object: dict[int, int] = {}
+    for side in ("user", "item"):
+        for block, features in zip(getattr(cols, f"{side}_block").tolist(), getattr(cols, f"{side}_features")):
+            assert by_object.setdefault(id(features), block) == block
+
+
+def test_feature_mappings_are_interned_once_per_distinct_object(sim_records: list[bytes]) -> None:
+    blocks = FeatureBlocks()
+    cols, _ = decode_columns(sim_records, blocks)
+    events = decode_events(sim_records)
+    assert [dict(f) for f in cols.user_features] == [e.user_features for e in events]
+    seen: dict = {}
+    _mappings_by_block(cols, seen)
+    # the simulator repeats its users' and items' features: far fewer mappings than rows
+    distinct = len(set(cols.user_block.tolist())) + len(set(cols.item_block.tolist()))
+    assert len(blocks) == distinct and distinct < len(cols) / 2
+    # a later batch with the same objects gets the same ids and the same dicts
+    again, _ = decode_columns(sim_records[:200], blocks)
+    assert again.user_block.tolist() == cols.user_block[:200].tolist()
+    _mappings_by_block(again, seen)
+    # an Event built from a row owns its mappings: changing one leaves the interned dict alone
+    event = cols.event(0)
+    event.user_features["changed"] = "yes"
+    assert "changed" not in cols.user_features[0]
+    # the validator's rows (msgspec refuses a boolean feature, the validator takes it) are not interned
+    odd = orjson.loads(sim_records[0])
+    odd["user_features"] = {"flag": True}
+    mixed, rejects = decode_columns([orjson.dumps(odd), sim_records[1]], blocks)
+    assert not rejects and mixed.user_block[0] == NO_BLOCK and mixed.user_block[1] != NO_BLOCK
+    assert mixed.events() == decode_events([orjson.dumps(odd), sim_records[1]])
+
+
+def test_a_full_block_table_clears_without_reusing_an_id(sim_records: list[bytes]) -> None:
+    blocks = FeatureBlocks(max_blocks=16)
+    seen: dict = {}
+    ids_to_content: dict[int, dict] = {}
+    for start in range(0, 1500, 100):
+        cols, _ = decode_columns(sim_records[start:start + 100], blocks)
+        assert len(blocks) <= 16 + 1  # the empty mapping is always there
+        assert cols.events() == decode_events(sim_records[start:start + 100])
+        for block, features in zip(cols.user_block.tolist() + cols.item_block.tolist(),
+                                   cols.user_features + cols.item_features):
+            assert ids_to_content.setdefault(block, features) == features  # an id never changes meaning
+    assert max(ids_to_content) > 16  # the table did clear and go on with fresh ids
