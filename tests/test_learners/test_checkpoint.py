@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -119,8 +120,12 @@ def test_readers_never_see_a_partial_checkpoint(tmp_path: Path) -> None:
     thread = threading.Thread(target=writer)
     thread.start()
     seen = set()
+    reads, deadline = 0, time.monotonic() + 30.0
     try:
-        for _ in range(200):
+        # at least 200 reads, and on until the writer has replaced the file (a busy machine
+        # can starve the writer thread for a while)
+        while reads < 200 or (len(seen) < 2 and time.monotonic() < deadline):
+            reads += 1
             try:
                 ck = load_checkpoint(path)
             except CheckpointError as exc:  # would be a torn read
