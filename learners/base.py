@@ -19,11 +19,12 @@ the click label, 0 or 1. Learners never mutate ``x``.
 
 from __future__ import annotations
 
+from itertools import repeat
 from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from streams.columns import NO_VALUE, EventColumns
+from streams.columns import NO_BLOCK, NO_VALUE, EventColumns
 from streams.events import Event, FeatureValue
 
 __all__ = ["Learner", "X", "event_to_x", "columns_to_xs", "prefixed_names", "USER_PREFIX", "ITEM_PREFIX",
@@ -84,7 +85,10 @@ def prefixed_names(names: Sequence[str], item: bool) -> tuple[str, ...]:
 
 def columns_to_xs(cols: EventColumns, *, with_position: bool = True) -> list[dict[str, FeatureValue]]:
     """:func:`event_to_x` of every row of a column batch (equal dicts, same key order),
-    for learners fed per example (River) and the hasher's mixed-fields path.
+    for learners fed examples (River, the two-tower updaters) and the hasher's
+    mixed-fields path. An interned mapping's prefixed ``(key, value)`` pairs are built once
+    per block id (:class:`~streams.columns.FeatureBlocks`) and reused by every row that
+    carries it.
 
     >>> from streams.events import Event
     >>> e = Event(kind="impression", event_id="e1", event_time=0.0, user_id="u1", request_id="r1",
@@ -93,17 +97,36 @@ def columns_to_xs(cols: EventColumns, *, with_position: bool = True) -> list[dic
     True
     """
     out = []
-    positions = cols.position.tolist()
-    for uid, uf, iid, itf, pos in zip(cols.user_id, cols.user_features, cols.item_id, cols.item_features, positions):
+    positions = cols.position.tolist() if with_position else repeat(NO_VALUE)
+    user_pairs, item_pairs = _BLOCK_PAIRS[False], _BLOCK_PAIRS[True]
+    if len(user_pairs) + len(item_pairs) > _MAX_BLOCK_PAIRS:
+        user_pairs.clear()
+        item_pairs.clear()
+    for uid, ub, uf, iid, ib, itf, pos in zip(cols.user_id, cols.user_block.tolist(), cols.user_features,
+                                              cols.item_id, cols.item_block.tolist(), cols.item_features, positions):
         x: dict[str, FeatureValue] = {"user_id": uid}
-        x.update(zip(prefixed_names(tuple(uf), False), uf.values()))
+        pairs = user_pairs.get(ub)
+        x.update(pairs if pairs is not None else _pairs(user_pairs, ub, uf, False))
         if iid is not None:
             x["item_id"] = iid
-            x.update(zip(prefixed_names(tuple(itf), True), itf.values()))
-        if with_position and pos != NO_VALUE:
+            pairs = item_pairs.get(ib)
+            x.update(pairs if pairs is not None else _pairs(item_pairs, ib, itf, True))
+        if pos != NO_VALUE:
             x[_POSITION_KEY] = pos
         out.append(x)
     return out
+
+
+# block id -> the prefixed (key, value) pairs of its mapping, per side (False: user)
+_BLOCK_PAIRS: dict[bool, dict[int, tuple[tuple[str, FeatureValue], ...]]] = {False: {}, True: {}}
+_MAX_BLOCK_PAIRS = 1 << 17
+
+
+def _pairs(cache: dict[int, tuple], block: int, features: Mapping[str, FeatureValue], item: bool) -> tuple:
+    pairs = tuple(zip(prefixed_names(tuple(features), item), features.values()))
+    if block != NO_BLOCK:
+        cache[block] = pairs
+    return pairs
 
 
 @runtime_checkable

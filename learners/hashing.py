@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import fnmatch
 import zlib
-from itertools import chain, repeat
+from itertools import chain
 from operator import itemgetter
 from dataclasses import dataclass
 from typing import Any, Iterable, NamedTuple, Sequence
@@ -491,7 +491,6 @@ class FeatureHasher:
         in a direct-mapped table per (side, names), so a batch of known mappings costs a few
         array operations, not a look-up per value. Rows whose mapping is not interned
         (:data:`~streams.columns.NO_BLOCK`) are looked up value by value."""
-        n_rows = len(mappings)
         names = tuple(mappings[0])
         width = len(names)
         table = self._block_tables.get((side, names))
@@ -532,7 +531,6 @@ class FeatureHasher:
         keys, vals = _scalar_keys(
             layout.field_keys[dense], layout.categorical[dense], codes[:, dense], numbers[:, dense]
         )
-        parts: dict[int, _Part] = {}
         ragged = {}
         for j in np.flatnonzero(is_multi).tolist():
             ragged[j] = self._ragged(layout.field_keys[j], bool(layout.categorical[j]), codes[:, j], all_rows, numbers[:, j])

@@ -42,7 +42,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from learners.base import columns_to_xs, event_to_x
+from learners.base import columns_to_xs
 from learners.evaluate import prequential_step
 from learners.checkpoint import Checkpoint, flat_offsets, load_checkpoint, nest_offsets, save_checkpoint
 from streams.columns import EventColumns
@@ -393,26 +393,22 @@ class StreamLearnerRuntime:
         return ec
 
     def _learn_columns(self, cols: EventColumns) -> int:
-        """Learn the impressions of a column batch through ``predict_learn_columns`` (no
-        dict per event); a learner that refuses (``NotImplementedError``) gets examples."""
+        """Learn the impressions of a column batch: through ``predict_learn_columns`` (no
+        dict per event) where the learner has it; a learner without it, or one that refuses
+        (``NotImplementedError``), gets the examples :func:`~learners.base.columns_to_xs`
+        builds (equal to ``event_to_x`` of each event)."""
         imps = cols.of_kind("impression")
         if len(imps):
-            with self._metrics_lock:
+            with self._metrics_lock:  # stats() may be read from a metrics-scrape thread
+                columns = getattr(self.learner, "predict_learn_columns", None)
                 try:
-                    p = self.learner.predict_learn_columns(imps)
+                    if columns is None:
+                        raise NotImplementedError
+                    p = columns(imps)
                 except NotImplementedError:
                     prequential_step(self.learner, columns_to_xs(imps), imps.label, self.metrics)
                 else:
                     self.metrics.update(imps.label, p)
-        return len(imps)
-
-    def _learn(self, events: Sequence[Any]) -> int:
-        imps = [e for e in events if e.kind == "impression"]
-        if imps:
-            xs = [event_to_x(e) for e in imps]
-            ys = np.fromiter((e.label for e in imps), dtype=np.int64, count=len(imps))
-            with self._metrics_lock:  # stats() may be read from a metrics-scrape thread
-                prequential_step(self.learner, xs, ys, self.metrics)
         return len(imps)
 
     def run(self) -> RuntimeStats:
@@ -428,15 +424,14 @@ class StreamLearnerRuntime:
                 left = None if self.max_events is None else self.max_events - self._learned_run
                 if left is not None and left <= 0:
                     break
-                columnar = hasattr(self.learner, "predict_learn_columns")  # River: per event
-                batch = ec.poll_columns(max_events=left) if columnar else ec.poll_batch(max_events=left)
+                batch = ec.poll_columns(max_events=left)
                 if self._check_ends:
                     self._check_checkpoint_against_ends()
                 now = self.clock()
                 if batch is not None:
                     idle.record()
                     self._failed = True  # until the whole batch is learned
-                    n = self._learn_columns(batch.columns) if columnar else self._learn(batch.events)
+                    n = self._learn_columns(batch.columns)
                     self._offsets.update(batch.offsets)
                     self._events_learned += n
                     self._learned_run += n

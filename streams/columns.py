@@ -133,8 +133,9 @@ class FeatureBlocks:
     feature hasher its value codes), so a batch touches each distinct mapping once, not
     each row's values. Ids are never reused: a block id denotes one mapping for the life
     of the process, also across a :meth:`clear` (the table is cleared when it holds
-    ``max_blocks`` mappings, so memory stays bounded however the features vary). Id
-    :data:`EMPTY_BLOCK` is the empty mapping.
+    ``max_blocks`` mappings, so memory stays bounded however the features vary), and
+    unique across every ``FeatureBlocks`` of the process. Id :data:`EMPTY_BLOCK` is the
+    empty mapping.
 
     >>> blocks = FeatureBlocks()
     >>> ids, dicts, bad = blocks.intern([b'{"age": "25-34"}', b'{}', b'{"age": "25-34"}', b'{"age": true}'])
@@ -146,7 +147,6 @@ class FeatureBlocks:
         if max_blocks < 1:
             raise ValueError(f"max_blocks must be >= 1, got {max_blocks}")
         self.max_blocks = int(max_blocks)
-        self._next = itertools.count(EMPTY_BLOCK + 1)
         self._by_raw: dict[bytes, tuple[int, dict[str, Any]]] = {}
         self.clear()
 
@@ -181,12 +181,15 @@ class FeatureBlocks:
                         continue
                     if len(by_raw) >= self.max_blocks:
                         self.clear()
-                    hit = by_raw[key] = (next(self._next), features)
+                    hit = by_raw[key] = (next(_NEXT_BLOCK), features)
                 hits[j] = hit
         return list(map(_first, hits)), list(map(_second, hits)), bad
 
 
 _first, _second = itemgetter(0), itemgetter(1)
+# one sequence for every table in the process: a block id names one mapping whichever
+# FeatureBlocks handed it out, so caches keyed by block id never mix two tables' mappings
+_NEXT_BLOCK = itertools.count(EMPTY_BLOCK + 1)
 #: The blocks :func:`decode_columns` interns into unless given others.
 BLOCKS = FeatureBlocks()
 

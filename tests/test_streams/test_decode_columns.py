@@ -16,7 +16,7 @@ import numpy as np
 import orjson
 import pytest
 
-from streams.columns import KIND_CODES, NO_BLOCK, NO_VALUE, EventColumns, FeatureBlocks, decode_columns
+from streams.columns import EMPTY_BLOCK, KIND_CODES, NO_BLOCK, NO_VALUE, EventColumns, FeatureBlocks, decode_columns
 from streams.events import Event, decode_events, encode_event
 from streams.simulator import ClickSimulator, SimulatorConfig
 
@@ -164,3 +164,7 @@ def test_a_full_block_table_clears_without_reusing_an_id(sim_records: list[bytes
                                    cols.user_features + cols.item_features):
             assert ids_to_content.setdefault(block, features) == features  # an id never changes meaning
     assert max(ids_to_content) > 16  # the table did clear and go on with fresh ids
+    # another table of the same process never hands out an id the first one gave
+    other, _ = decode_columns(sim_records[:100], FeatureBlocks())
+    fresh = set(other.user_block.tolist() + other.item_block.tolist()) - {EMPTY_BLOCK}
+    assert fresh and not fresh & set(ids_to_content)
