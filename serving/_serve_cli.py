@@ -63,6 +63,10 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
                    help="seconds between looks for a newer checkpoint (default 1)")
     p.add_argument("--commit-interval", type=float, default=1.0, dest="commit_interval_s",
                    help="seconds between flush+commit of the request loop (0: after every batch)")
+    p.add_argument("--switch-interval-ms", type=float, default=0.5, dest="switch_interval_ms", metavar="MS",
+                   help="Python's GIL switch interval in this process (default 0.5 ms; Python's own is 5 ms): "
+                        "a request thread waiting for the GIL held by the events follower waits up to this "
+                        "long each time it takes the GIL back after torch, FAISS or Kafka released it")
     p.add_argument("--threads", type=int, default=1,
                    help="torch and FAISS threads (default 1: the towers are small, a single query does "
                         "not parallelise, and the HTTP and Kafka threads need the other cores)")
@@ -96,6 +100,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     if args.threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+    if not 0.01 <= args.switch_interval_ms <= 100:
+        raise ConfigError(f"--switch-interval-ms must be in 0.01..100 (milliseconds), got {args.switch_interval_ms:g}")
+    sys.setswitchinterval(args.switch_interval_ms / 1000.0)
     import faiss
     import torch
 

@@ -146,7 +146,9 @@ class ServingApp:
         self._unwatch_gc = watch_gc_pauses(registry)  # every collector pause stalls every request
         self.models = CheckpointLearnerSource(config.checkpoint, pattern=config.checkpoint_pattern,
                                               poll_interval_s=config.checkpoint_poll_s,
-                                              on_load=self.metrics.on_model_loaded)
+                                              on_load=self.metrics.on_model_loaded,
+                                              # a new model fills its item-side cache before it serves
+                                              prepare=lambda handle: self.scorer.prepare(handle))
         self.shadows: dict[str, CheckpointLearnerSource] = {
             name: CheckpointLearnerSource(path, pattern=config.checkpoint_pattern,
                                           poll_interval_s=max(config.checkpoint_poll_s, 5.0))

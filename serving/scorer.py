@@ -220,6 +220,10 @@ class CheckpointLearnerSource:
         How often the background thread (:meth:`start`) looks for a newer file.
     on_load
         Called with each newly loaded handle (metrics, logs).
+    prepare
+        Called with each newly loaded handle *before* it serves (in the loading thread),
+        e.g. :meth:`ItemSideCache.warm`: work a new model would otherwise do on the first
+        requests it answers. An exception is logged and the handle serves anyway.
 
     A reload builds a complete new learner from the file, then swaps one reference:
     a request already holding the old handle finishes with the old model. A file that
@@ -234,12 +238,14 @@ class CheckpointLearnerSource:
         loader: Callable[[Path], ModelHandle] = _default_loader,
         poll_interval_s: float = 1.0,
         on_load: Callable[[ModelHandle], None] | None = None,
+        prepare: Callable[[ModelHandle], None] | None = None,
     ) -> None:
         self.path = Path(path)
         self.pattern = pattern
         self.loader = loader
         self.poll_interval_s = poll_interval_s
         self.on_load = on_load
+        self.prepare = prepare
         self._handle: ModelHandle | None = None
         self._loaded_key: tuple[str, int, int] | None = None
         self._failed_key: tuple[str, int, int] | None = None
@@ -293,6 +299,12 @@ class CheckpointLearnerSource:
                 logger.warning("%s; still serving %s", self.last_error,
                                None if self._handle is None else self._handle.version)
                 return False
+            if self.prepare is not None:
+                try:
+                    self.prepare(handle)
+                except Exception:  # preparing is an optimisation: never a reason not to serve
+                    logger.exception("preparing model %s version %s failed; serving it unprepared",
+                                     handle.name, handle.version)
             self._handle = handle  # the one reference swap
             self._loaded_key = key
             self.last_error = None
@@ -367,6 +379,10 @@ class ItemFeatureStore:
         self._xs[item_id] = x  # one dict assignment: readers see old or new
         self._revisions[item_id] = self._revisions.get(item_id, 0) + 1
 
+    def ids(self) -> list[str]:
+        """Every item id known, in first-seen order."""
+        return list(self._xs)
+
     def revision(self, item_id: str) -> int:
         """Bumped whenever the item's features change (0: never set)."""
         return self._revisions.get(item_id, 0)
@@ -391,35 +407,22 @@ class ItemFeatureStore:
         return [xs.get(i) or {"item_id": i} for i in ids]
 
 
-class ItemSideCache:
-    """The item half of pre-ranking, computed once per (model, item, feature revision).
+class _SideTable:
+    """One model's item-side rows: preallocated tensors grown by doubling, never overwritten
+    (a reader holding an older view stays valid), and ``rows``: item id -> (row, revision)."""
 
-    A two-tower's pre-rank score of a candidate needs the item tower's output for it;
-    it depends only on the model and the item's features, so the scorer keeps it as rows
-    of preallocated tensors (:class:`learners.two_tower.updater.ItemSide`) per model
-    handle and pre-ranks by row, touching no feature dict for a known item. A new model
-    handle starts an empty cache; an item whose features changed (``revision``) gets a
-    new row. Rows are never overwritten (a reader holding an older view stays valid).
-    """
+    def __init__(self) -> None:
+        self.rows: dict[str, tuple[int, int]] = {}
+        self.n = 0
+        self.vec: Any = None
+        self.heads: Any = None
+        self.bias: Any = None
 
-    def __init__(self, revision: Callable[[str], int] | None = None) -> None:
-        self._revision = revision or (lambda _item: 0)
-        self._lock = threading.Lock()
-        self._model: object | None = None
-        self._rows: dict[str, tuple[int, int]] = {}  # item id -> (row, revision)
-        self._n = 0
-        self._vec: Any = None
-        self._heads: Any = None
-        self._bias: Any = None
-
-    def __len__(self) -> int:
-        return self._n
-
-    def _append(self, side: Any) -> int:
+    def append(self, side: Any) -> int:
         import torch
 
-        start, m = self._n, len(side)
-        cap = 0 if self._vec is None else self._vec.shape[0]
+        start, m = self.n, len(side)
+        cap = 0 if self.vec is None else self.vec.shape[0]
         if start + m > cap:  # grow by doubling; the old tensors stay valid for readers
             new = max(1024, 2 * cap, start + m)
 
@@ -431,37 +434,95 @@ class ItemSideCache:
                     buf[:start] = old[:start]
                 return buf
 
-            self._vec, self._heads, self._bias = (grown(self._vec, side.vec), grown(self._heads, side.heads),
-                                                  grown(self._bias, side.bias))
-        self._vec[start:start + m] = side.vec
+            self.vec, self.heads, self.bias = (grown(self.vec, side.vec), grown(self.heads, side.heads),
+                                               grown(self.bias, side.bias))
+        self.vec[start:start + m] = side.vec
         if side.heads is not None:
-            self._heads[start:start + m] = side.heads
+            self.heads[start:start + m] = side.heads
         if side.bias is not None:
-            self._bias[start:start + m] = side.bias
-        self._n = start + m
+            self.bias[start:start + m] = side.bias
+        self.n = start + m
         return start
+
+    def add(self, ids: list[str], side: Any, revisions: list[int]) -> None:
+        start = self.append(side)
+        self.rows.update(zip(ids, zip(range(start, start + len(ids)), revisions)))
+
+    def view(self) -> Any:
+        from learners.two_tower.updater import ItemSide
+
+        n = self.n
+        return ItemSide(self.vec[:n], None if self.heads is None else self.heads[:n],
+                        None if self.bias is None else self.bias[:n])
+
+
+class ItemSideCache:
+    """The item half of pre-ranking, computed once per (model, item, feature revision).
+
+    A two-tower's pre-rank score of a candidate needs the item tower's output for it;
+    it depends only on the model and the item's features, so the scorer keeps it as rows
+    of preallocated tensors (:class:`learners.two_tower.updater.ItemSide`) per model
+    handle and pre-ranks by row, touching no feature dict for a known item. An item whose
+    features changed (``revision``) gets a new row. The tables of the ``keep`` newest
+    models are kept (a request that took the previous model just before a reload still
+    finds its rows). :meth:`warm` fills a new model's table for a whole catalogue before
+    that model serves (``CheckpointLearnerSource(prepare=...)``), so a reload does not
+    make its first requests compute the item tower for all their candidates.
+    """
+
+    def __init__(self, revision: Callable[[str], int] | None = None, keep: int = 2) -> None:
+        self._revision = revision or (lambda _item: 0)
+        self._lock = threading.Lock()
+        self._tables: dict[int, tuple[object, _SideTable]] = {}  # id(model) -> (model, table), oldest first
+        self.keep = max(1, int(keep))
+
+    def __len__(self) -> int:
+        """Rows of the newest model's table."""
+        with self._lock:
+            return next(reversed(self._tables.values()))[1].n if self._tables else 0
+
+    def _table(self, model: object, table: _SideTable | None = None) -> _SideTable:
+        hit = self._tables.get(id(model))
+        if hit is not None and hit[0] is model:
+            return hit[1]
+        table = table if table is not None else _SideTable()
+        self._tables.pop(id(model), None)
+        self._tables[id(model)] = (model, table)
+        while len(self._tables) > self.keep:
+            del self._tables[next(iter(self._tables))]
+        return table
 
     def rows(self, model: object, ids: Sequence[str], compute: Callable[[list[str]], Any]) -> tuple[Any, np.ndarray]:
         """``(side, rows)``: a view of the precomputed rows and the row of each of ``ids``;
         ``compute(missing ids) -> ItemSide`` fills what the cache lacks for ``model``."""
-        from learners.two_tower.updater import ItemSide
-
         with self._lock:
-            if model is not self._model:
-                self._model, self._rows, self._n = model, {}, 0
-                self._vec = self._heads = self._bias = None
+            table = self._table(model)
             rev = self._revision
-            table = self._rows
-            missing = list(dict.fromkeys(i for i in ids if (hit := table.get(i)) is None or hit[1] != rev(i)))
+            got = table.rows
+            missing = list(dict.fromkeys(i for i in ids if (hit := got.get(i)) is None or hit[1] != rev(i)))
             if missing:
-                start = self._append(compute(missing))
-                for j, item in enumerate(missing):
-                    table[item] = (start + j, rev(item))
-            out = np.fromiter((table[i][0] for i in ids), dtype=np.int64, count=len(ids))
-            n = self._n
-            side = ItemSide(self._vec[:n], None if self._heads is None else self._heads[:n],
-                            None if self._bias is None else self._bias[:n])
+                table.add(missing, compute(missing), [rev(i) for i in missing])
+            out = np.fromiter((got[i][0] for i in ids), dtype=np.int64, count=len(ids))
+            side = table.view()
         return side, out
+
+    def warm(self, model: object, ids: Sequence[str], compute: Callable[[list[str]], Any],
+             chunk: int = 4096) -> int:
+        """Compute ``model``'s item side for ``ids`` (in chunks, outside the lock the request
+        path takes) and install it as the model's table, unless requests already built one.
+        Returns the rows computed."""
+        table = _SideTable()
+        ids = list(dict.fromkeys(ids))
+        rev = self._revision
+        for start in range(0, len(ids), chunk):
+            part = ids[start:start + chunk]
+            revisions = [rev(i) for i in part]  # read first: a change during compute shows as stale
+            table.add(part, compute(part), revisions)
+        with self._lock:
+            hit = self._tables.get(id(model))
+            if hit is None or hit[0] is not model:
+                self._table(model, table)
+        return table.n
 
 
 class Scorer:
@@ -513,6 +574,25 @@ class Scorer:
         self.metrics = metrics
         self.clock = clock
         self.item_sides = (ItemSideCache(getattr(self.item_xs, "revision", None)) if item_side_cache else None)
+
+    def prepare(self, model: ModelHandle) -> int:
+        """Fill a newly loaded model's item-side cache for every item known (``item_xs.ids()``
+        and the served index's ids) before it serves: pass as ``CheckpointLearnerSource(
+        prepare=...)``. Without it the first requests after each reload compute the item
+        tower for all their candidates. Returns the rows computed (0 for a learner without
+        an item side)."""
+        learner = model.learner
+        if self.item_sides is None or not (hasattr(learner, "item_side") and hasattr(learner, "score_item_side")):
+            return 0
+        handle = _index_handle(self.index_holder)
+        known = getattr(self.item_xs, "ids", None)
+        ids = list(known()) if callable(known) else []
+        served = getattr(handle, "ids", None)
+        if served is not None:
+            ids += served.tolist() if hasattr(served, "tolist") else list(served)
+        if not ids:
+            return 0
+        return self.item_sides.warm(learner, ids, lambda part: learner.item_side(self.item_xs(handle, part)))
 
     def readiness(self) -> tuple[bool, str]:
         """``(ready, reason)``: ready when a model and an index are loaded."""

@@ -106,3 +106,47 @@ def test_same_features_again_keep_the_cached_row():
     assert store.revision("i1") == r
     store.upsert("i1", {"category": "c2"})
     assert store.revision("i1") == r + 1
+
+
+def test_a_prepared_model_serves_its_first_requests_from_a_warm_cache():
+    """Scorer.prepare (CheckpointLearnerSource's prepare hook) fills a new model's item side
+    for every known item before it serves: its first requests compute no item tower, their
+    answers equal the uncached scorer's, and a request still on the previous model finds
+    that model's rows (the two newest models' tables are kept)."""
+    learner, store, events = _trained("inttower")
+    holder = _holder(learner, store)
+    source = Source(ModelHandle(learner=learner, name="inttower", version=1))
+    cached = Scorer(source, holder, k_retrieve=50, item_xs=store)
+    plain = Scorer(source, holder, k_retrieve=50, item_xs=store, item_side_cache=False)
+    reqs = _requests(events)
+    other, _, _ = _trained("inttower")
+    other.learn_many([store._xs[i] | {"user_id": "u1"} for i in store.ids()[:20]], np.ones(20))
+    old, new = ModelHandle(learner=learner, name="inttower", version=1), ModelHandle(learner=other, name="inttower",
+                                                                                     version=2)
+    expected = {}
+    for handle in (old, new):  # the uncached answers (score_candidates runs item_side itself)
+        source.handle = handle
+        expected[handle.version] = plain.score_many(reqs)
+    source.handle = old
+    assert cached.prepare(old) == len(store)
+    calls: list[int] = []
+    original = type(learner).item_side
+
+    def counting(self, xs):
+        calls.append(len(xs))
+        return original(self, xs)
+
+    type(learner).item_side = counting
+    try:
+        _same(cached.score_many(reqs), expected[1])
+        assert calls == []  # every candidate's row was there
+        assert cached.prepare(new) == len(store) and calls == [len(store)]
+        source.handle = new
+        _same(cached.score_many(reqs), expected[2])
+        source.handle = old  # a straggler still on the previous model
+        _same(cached.score_many(reqs), expected[1])
+        assert calls == [len(store)]  # neither model recomputed a row
+    finally:
+        type(learner).item_side = original
+    # a learner without an item side has nothing to prepare
+    assert cached.prepare(ModelHandle(learner=make_learner("ctr"), name="ctr", version=3)) == 0
