@@ -27,7 +27,7 @@ import numpy as np
 from streams.columns import NO_BLOCK, NO_VALUE, EventColumns
 from streams.events import Event, FeatureValue
 
-__all__ = ["Learner", "X", "event_to_x", "columns_to_xs", "prefixed_names", "USER_PREFIX", "ITEM_PREFIX",
+__all__ = ["Learner", "X", "event_to_x", "columns_to_xs", "ColumnExamples", "field_values", "prefixed_names", "USER_PREFIX", "ITEM_PREFIX",
            "CTX_PREFIX"]
 
 X = Mapping[str, FeatureValue]
@@ -127,6 +127,77 @@ def _pairs(cache: dict[int, tuple], block: int, features: Mapping[str, FeatureVa
     if block != NO_BLOCK:
         cache[block] = pairs
     return pairs
+
+
+class ColumnExamples(Sequence[dict[str, FeatureValue]]):
+    """The examples of a column batch (what :func:`columns_to_xs` returns) without building
+    them: a learner that reads its features a field at a time asks :meth:`column` and
+    gets the values straight from the columns (the two-tower encoder does; so the
+    runtime feeds it a column batch with no dict per event). Indexing a row builds (and
+    keeps) that one example; a slice is the ``ColumnExamples`` of those rows.
+
+    >>> from streams.events import Event
+    >>> e = Event(kind="impression", event_id="e1", event_time=0.0, user_id="u1", request_id="r1",
+    ...           user_features={"age": "25-34"}, item_id="i9", item_features={"tags": ("a",)}, label=0, position=2)
+    >>> xs = ColumnExamples(EventColumns.from_events([e, e]))
+    >>> xs.column("u:age"), xs.column("ctx:position"), xs.column("i:price"), xs[1] == event_to_x(e)
+    (['25-34', '25-34'], [2, 2], [None, None], True)
+    """
+
+    __slots__ = ("cols", "_rows")
+
+    def __init__(self, cols: EventColumns) -> None:
+        self.cols = cols
+        self._rows: list[dict[str, FeatureValue] | None] = [None] * len(cols)
+
+    def __len__(self) -> int:
+        return len(self.cols)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return ColumnExamples(self.cols.take(i))
+        x = self._rows[i]
+        if x is None:
+            x = self._rows[i] = columns_to_xs(self.cols.take(slice(i, i + 1 if i != -1 else None)))[0]
+        return x
+
+    def __iter__(self) -> Any:
+        if None in self._rows:
+            self._rows = columns_to_xs(self.cols)
+        return iter(self._rows)
+
+    def column(self, key: str) -> list[Any]:
+        """``[x.get(key) for x in self]``, read from the columns."""
+        cols = self.cols
+        if key == "user_id":
+            return list(cols.user_id)
+        if key == "item_id":
+            return list(cols.item_id)
+        if key == _POSITION_KEY:
+            return [None if p == NO_VALUE else p for p in cols.position.tolist()]
+        for prefix, mappings, item in ((USER_PREFIX, cols.user_features, False),
+                                       (ITEM_PREFIX, cols.item_features, True)):
+            if key.startswith(prefix):
+                name = key[len(prefix):]
+                if prefixed_names((name,), item)[0] != key:
+                    break
+                values = list(map(dict.get, mappings, repeat(name)))
+                if item and None in cols.item_id:  # a request row has no item side at all
+                    values = [None if iid is None else v for v, iid in zip(values, cols.item_id)]
+                return values
+        return [None] * len(cols)
+
+
+def field_values(xs: Sequence[Mapping[str, Any]], key: str) -> list[Any]:
+    """``[x.get(key) for x in xs]``: from the columns of a :class:`ColumnExamples`, with C
+    loops for plain dicts."""
+    column = getattr(xs, "column", None)
+    if column is not None:
+        return column(key)
+    try:
+        return list(map(dict.get, xs, repeat(key)))
+    except TypeError:  # not plain dicts
+        return [x.get(key) for x in xs]
 
 
 @runtime_checkable

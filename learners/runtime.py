@@ -42,7 +42,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from learners.base import columns_to_xs
+from learners.base import ColumnExamples
 from learners.evaluate import prequential_step
 from learners.checkpoint import Checkpoint, flat_offsets, load_checkpoint, nest_offsets, save_checkpoint
 from streams.columns import EventColumns
@@ -395,8 +395,9 @@ class StreamLearnerRuntime:
     def _learn_columns(self, cols: EventColumns) -> int:
         """Learn the impressions of a column batch: through ``predict_learn_columns`` (no
         dict per event) where the learner has it; a learner without it, or one that refuses
-        (``NotImplementedError``), gets the examples :func:`~learners.base.columns_to_xs`
-        builds (equal to ``event_to_x`` of each event)."""
+        (``NotImplementedError``), gets the batch's :class:`~learners.base.ColumnExamples`
+        (the examples ``event_to_x`` builds; a learner that reads a field at a time, the
+        two-tower encoder, reads them from the columns without building a dict per event)."""
         imps = cols.of_kind("impression")
         if len(imps):
             with self._metrics_lock:  # stats() may be read from a metrics-scrape thread
@@ -406,7 +407,7 @@ class StreamLearnerRuntime:
                         raise NotImplementedError
                     p = columns(imps)
                 except NotImplementedError:
-                    prequential_step(self.learner, columns_to_xs(imps), imps.label, self.metrics)
+                    prequential_step(self.learner, ColumnExamples(imps), imps.label, self.metrics)
                 else:
                     self.metrics.update(imps.label, p)
         return len(imps)

@@ -46,7 +46,7 @@ from typing import Any, Literal, Mapping, Sequence
 import numpy as np
 import torch
 
-from learners.base import ITEM_PREFIX, USER_PREFIX
+from learners.base import ITEM_PREFIX, USER_PREFIX, field_values
 
 __all__ = ["EmbeddingStore", "FeatureEncoder", "TowerIndex", "EncodedBatch", "ColumnBags", "infer_fields",
            "feature_key"]
@@ -447,11 +447,9 @@ def _plain(col: Any) -> Sequence[Any]:
 
 
 def _values(xs: Sequence[Mapping[str, Any]], field: str) -> list[Any]:
-    """``[x.get(field) for x in xs]``, with C loops when the examples are plain dicts."""
-    try:
-        return list(map(dict.get, xs, repeat(field)))
-    except TypeError:  # not plain dicts
-        return [x.get(field) for x in xs]
+    """``[x.get(field) for x in xs]``, with C loops when the examples are plain dicts, and
+    straight from the columns of a :class:`~learners.base.ColumnExamples`."""
+    return field_values(xs, field)
 
 
 class FeatureEncoder:
@@ -521,7 +519,7 @@ class FeatureEncoder:
         if rcache is None:
             rcache = self._rows[field] = {None: _NO_ROW}
             self._bags[field] = {None: _EMPTY}
-        col = _values(xs, field) if field in ("user_id", "item_id") else None
+        col = _values(xs, field) if field in ("user_id", "item_id") or hasattr(xs, "column") else None
         try:
             values = col if col is not None else map(dict.get, xs, repeat(field))
             rows = np.fromiter(map(rcache.__getitem__, values), dtype=np.int64, count=len(xs))

@@ -35,7 +35,7 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 import numpy as np
 import torch
 
-from learners.base import CTX_PREFIX, ITEM_PREFIX, X
+from learners.base import CTX_PREFIX, ITEM_PREFIX, X, field_values
 from learners.two_tower import losses
 from learners.two_tower.features import EmbeddingStore, FeatureEncoder, _plain, _values, feature_key, infer_fields
 from learners.two_tower.model import ModelConfig, TowerOutput, TwoTowerModel
@@ -349,10 +349,7 @@ class TwoTowerLearner:
 
     @staticmethod
     def _positions(xs: Sequence[X]) -> torch.Tensor:
-        try:
-            col = list(map(dict.get, xs, repeat(_POSITION)))
-        except TypeError:  # not plain dicts
-            col = [x.get(_POSITION) for x in xs]
+        col = field_values(xs, _POSITION)
         try:
             pos = np.array(col, dtype=np.int64)  # fast path: every example has an integer position
         except (TypeError, ValueError):
@@ -445,7 +442,7 @@ class TwoTowerLearner:
         if self.dat:
             parts["mimic"] = self.mimic_weight * (losses.mimic(ua, v.vec, y) + losses.mimic(ia, u.vec, y))
             if self.category_field is not None:
-                cats = [x.get(self.category_field) for x in xs]
+                cats = field_values(xs, self.category_field)
                 cats = [feature_key(c[0] if isinstance(c, tuple) and c else c) if c is not None else None for c in cats]
                 parts["category"] = self.category_weight * losses.category_alignment(v.vec, cats)
         if scale is not None:

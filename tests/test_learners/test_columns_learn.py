@@ -113,3 +113,37 @@ def test_ctr_in_seconds_refuses_the_column_path() -> None:
     cols = decode_columns(_records(1, 50))[0].of_kind("impression")
     with pytest.raises(NotImplementedError):
         CTRLearner(time_unit="seconds").predict_learn_columns(cols)
+
+
+@pytest.mark.parametrize("name, params", [("two-tower", {}), ("inttower", {}), ("dat", {}),
+                                          ("two-tower", {"item_bias": True, "loss": "both", "random_negatives": 8})],
+                         ids=["two-tower", "inttower", "dat", "two-tower-bias-softmax"])
+def test_two_tower_family_learns_the_same_from_column_examples(name, params, batches) -> None:
+    """What the runtime feeds a learner without predict_learn_columns: ColumnExamples of the
+    batch. The two-tower encoder reads its fields from the columns; predictions and the
+    final state (canonical digest) are bitwise those of the per-event path, and past the
+    first batch (field inference reads examples once) no example dict is built at all
+    with the BCE loss."""
+    import torch
+
+    from learners.base import ColumnExamples
+    from learners.distributed import state_digest
+    from learners.registry import make_learner
+
+    torch.set_num_threads(1)
+    kwargs = dict(out_dim=8, hidden=(16,), field_dim=4, seed=0, **params)
+    a, b = make_learner(name, **kwargs), make_learner(name, **kwargs)
+    expected, _ = _per_event(a, batches)
+    got, built = [], []
+    metrics = PrequentialMetrics()
+    for raws in batches:
+        imps = decode_columns(raws)[0].of_kind("impression")
+        if len(imps):
+            xs = ColumnExamples(imps)
+            got += prequential_step(b, xs, imps.label, metrics).tolist()
+            built.append(sum(x is not None for x in xs._rows))
+    assert len(got) == len(expected) > 4000
+    assert got == expected
+    assert state_digest(b.state_dict()) == state_digest(a.state_dict())
+    if params.get("loss", "bce") == "bce":
+        assert built[0] > 0 and sum(built[1:]) == 0
