@@ -1,4 +1,5 @@
-"""Distributed learner benchmark: hashed LR trained by 1 and by N gloo ranks on one stream.
+"""Distributed learner benchmark: hashed LR or the two-tower family trained by 1 and by N
+gloo ranks on one stream.
 
 Setup: ``--events`` simulator events are produced once to a topic of ``--partitions``
 partitions, on ``--bootstrap`` / ``KAFKA_BOOTSTRAP_SERVERS`` or on a
@@ -15,13 +16,21 @@ idle wait at the end and the final checkpoint are left out:
   threads, Kafka client included) per 1,000 events;
 * communication share: seconds inside ``dist.all_reduce`` / step seconds (and, "sync",
   the whole summed-delta exchange: deltas, concatenation, all-reduce, apply);
-* bytes/step: size of the array one rank all-reduces each step.
+* bytes/step: size of the array one rank all-reduces each step (data-parallel two-tower:
+  the pickled micro-batch a rank all-gathers plus the float32 buffer it all-reduces, both
+  measured, means over the steps that learned).
+
+The two-tower family runs data-parallel (``learn_shard``: each rank back-propagates its
+own micro-batch, one all-reduce of dense grads + the step's embedding-row grads);
+``--sync examples`` runs the older replicated learning instead (every rank learns the
+union) for comparison.
 
 Medians over the runs. Ends with the 8-ranks-on-8-hosts note (ring all-reduce moves about
 ``2 (N-1)/N`` x the array per rank per step) against ``--link-gbps``.
 
     .venv/bin/python benchmarks/bench_distributed.py
     .venv/bin/python benchmarks/bench_distributed.py --events 30000 --runs 3 --bits 20 --optimizer ftrl
+    .venv/bin/python benchmarks/bench_distributed.py --learner two-tower --events 20000 --runs 3
 """
 
 from __future__ import annotations
@@ -47,7 +56,7 @@ sys.path.insert(0, str(REPO))
 def _worker(argv: list[str]) -> int:
     """One rank (run by torchrun): the body of ``towerstream learn --world-size N``."""
     ap = argparse.ArgumentParser()
-    for name in ("--bootstrap", "--prefix", "--group", "--checkpoint", "--optimizer", "--learner"):
+    for name in ("--bootstrap", "--prefix", "--group", "--checkpoint", "--optimizer", "--learner", "--sync"):
         ap.add_argument(name, required=True)
     ap.add_argument("--bits", type=int, required=True)
     ap.add_argument("--batch-size", type=int, required=True)
@@ -64,10 +73,11 @@ def _worker(argv: list[str]) -> int:
     init_group(int(os.environ["WORLD_SIZE"]), timeout_s=120)
     try:
         learner = (make_learner("lr", bits=a.bits, optimizer=a.optimizer) if a.learner == "lr"
-                   else make_learner(a.learner))  # two-tower family, ctr: examples mode
+                   else make_learner(a.learner))  # two-tower family: data-parallel; ctr: examples mode
         rt = DistributedLearnerRuntime(KafkaSettings(a.bootstrap, "kafka-python"), learner, a.group,
                                        Topics(prefix=a.prefix), a.checkpoint, batch_size=a.batch_size,
-                                       checkpoint_every_s=None, idle_timeout_s=2.0)
+                                       checkpoint_every_s=None, idle_timeout_s=2.0,
+                                       sync_mode=None if a.sync == "auto" else a.sync)
         rt.run()
     finally:
         dist.destroy_process_group()
@@ -100,7 +110,7 @@ def _run(args: argparse.Namespace, prefix: str, ranks: int, tmp: Path) -> dict[s
     cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", f"--nproc-per-node={ranks}",
            str(Path(__file__).resolve()), "--_worker", "--bootstrap", args.bootstrap, "--prefix", prefix,
            "--group", f"g-{tag}", "--checkpoint", str(tmp / f"{tag}.ckpt"), "--optimizer", args.optimizer,
-           "--learner", args.learner, "--bits", str(args.bits), "--batch-size", str(args.batch_size)]
+           "--learner", args.learner, "--sync", args.sync, "--bits", str(args.bits), "--batch-size", str(args.batch_size)]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
@@ -122,6 +132,12 @@ def _run(args: argparse.Namespace, prefix: str, ranks: int, tmp: Path) -> dict[s
         "step_ms": 1000 * w0["wall_s"] / w0["steps"],
         "allreduce_ms": 1000 * statistics.mean(p["work"]["allreduce_s"] / p["work"]["steps"] for p in per),
         "bytes_per_step": per[0]["bytes_per_step"],
+        "gather_bytes": per[0].get("gather_bytes", 0), "reduce_bytes": per[0].get("reduce_bytes", 0),
+        "gather_ms": 1000 * statistics.mean(p.get("gather_s", 0.0) / max(p["work"]["steps"], 1) for p in per),
+        "mode": per[0].get("mode"),
+        # where rank 0's step goes (ms): reading, convert + predict, sync (learning + collectives)
+        "fill_ms": 1000 * w0.get("fill_s", 0.0) / w0["steps"], "predict_ms": 1000 * w0.get("predict_s", 0.0) / w0["steps"],
+        "sync_ms": 1000 * w0.get("sync_s", 0.0) / w0["steps"],
         "process_wall_s": wall,
         "process_cpu_s": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
     }
@@ -141,7 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bits", type=int, default=20)
     ap.add_argument("--optimizer", choices=("ftrl", "sgd"), default="ftrl")
     ap.add_argument("--learner", choices=("lr", "ctr", "two-tower", "inttower"), default="lr",
-                    help="lr: synced by summed gradients; the others by examples (replicated learning)")
+                    help="lr: synced by summed gradients; two-tower, inttower: data-parallel; ctr: examples")
+    ap.add_argument("--sync", choices=("auto", "examples"), default="auto",
+                    help="examples: replicated learning of the union on every rank (the pre-data-parallel "
+                         "two-tower sync), for comparison")
     ap.add_argument("--batch-size", type=int, default=1000, help="records per step per rank")
     ap.add_argument("--hosts", type=int, default=8, help="world size of the multi-host note")
     ap.add_argument("--link-gbps", type=float, default=10.0, help="link speed of the multi-host note")
@@ -162,14 +181,15 @@ def _bench(args: argparse.Namespace) -> int:
           f"{torch.__version__} (gloo), loadavg before {tuple(round(x, 2) for x in os.getloadavg())}")
     print(f"# stream: {args.events:,} simulator events ({impressions:,} impressions) in {args.partitions} "
           f"partitions; learner {args.learner}"
-          + (f" bits={args.bits} optimizer={args.optimizer}" if args.learner == "lr" else " (examples mode)")
+          + (f" bits={args.bits} optimizer={args.optimizer}" if args.learner == "lr" else f" (sync {args.sync})")
           + f"; batch {args.batch_size} "
           f"records/step/rank; {args.runs} runs per world size, medians; OMP_NUM_THREADS=1")
     results: dict[int, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-dist-") as tmp:
         for ranks in (int(r) for r in args.ranks.split(",")):
             runs = [_run(args, prefix, ranks, Path(tmp)) for _ in range(args.runs)]
-            med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+            med = {k: statistics.median(r[k] for r in runs) for k in runs[0] if k != "mode"}
+            med["mode"] = runs[0]["mode"]
             med["runs_events_per_s"] = [round(r["events_per_s"]) for r in runs]
             results[ranks] = med
             assert all(r["events"] == impressions for r in runs), [r["events"] for r in runs]
@@ -177,7 +197,12 @@ def _bench(args: argparse.Namespace) -> int:
                   f"{med['cpu_s_per_1k']:.3f} CPU-s/1k events, {med['steps_per_s']:.1f} steps/s "
                   f"({med['step_ms']:.1f} ms/step), all-reduce {med['allreduce_ms']:.2f} ms/step = "
                   f"{100 * med['allreduce_share']:.1f}% of a step (whole sync {100 * med['sync_share']:.1f}%), "
-                  f"{med['bytes_per_step']:,.0f} bytes/step/rank; whole process {med['process_wall_s']:.1f} s wall, "
+                  f"{med['bytes_per_step']:,.0f} bytes/step/rank"
+                  + (f" (all-gather {med['gather_bytes']:,.0f} B pickled, {med['gather_ms']:.2f} ms; all-reduce "
+                     f"{med['reduce_bytes']:,.0f} B)" if med["mode"] == "data-parallel" else "")
+                  + f"; rank 0 step: read {med['fill_ms']:.1f} ms, convert+predict {med['predict_ms']:.1f} ms, "
+                    f"sync {med['sync_ms']:.1f} ms (learning + collectives)"
+                  + f"; sync mode {med['mode']}; whole process {med['process_wall_s']:.1f} s wall, "
                   f"{med['process_cpu_s']:.1f} CPU-s")
     print(f"# loadavg after {tuple(round(x, 2) for x in os.getloadavg())}")
 
@@ -185,6 +210,23 @@ def _bench(args: argparse.Namespace) -> int:
     n = args.hosts
     top = results[max(results)]
     b = top["bytes_per_step"]
+    if top["mode"] == "data-parallel":
+        g, r = top["gather_bytes"], top["reduce_bytes"]
+        ring = 2 * (n - 1) / n * r
+        per_step = (n - 1) * g + ring  # received: the other ranks' micro-batches, plus the ring all-reduce
+        need = per_step * top["steps_per_s"] * 8 / 1e9
+        print(f"# {n} ranks on {n} hosts (data-parallel): each step a rank all-gathers its micro-batch "
+              f"({g / 1e3:.0f} kB pickled, measured) and receives the other {n - 1} ({(n - 1) * g / 1e6:.2f} MB), and "
+              f"all-reduces {r / 1e6:.2f} MB (dense grads + the step's embedding-row grads, measured at "
+              f"{max(results)} ranks); a ring moves 2*({n}-1)/{n} x that = {ring / 1e6:.2f} MB. Together "
+              f"{per_step / 1e6:.2f} MB per rank per step, {need:.2f} Gb/s at the measured {top['steps_per_s']:.1f} "
+              f"steps/s ({100 * need / args.link_gbps:.0f}% of a {args.link_gbps:g} Gb/s link). The all-reduce "
+              f"grows with the union's distinct ids per step (more ranks: more rows), so at {n} ranks it is "
+              f"larger than measured here: at most {n / max(results):g}x if no id were shared across ranks.")
+        if args.json:
+            args.json.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()},
+                                             "impressions": impressions, "results": results}, indent=2))
+        return 0
     if args.learner != "lr":  # examples mode: an all-gather of every rank's micro-batch
         need = (n - 1) * b * top["steps_per_s"] * 8 / 1e9
         print(f"# {n} ranks on {n} hosts (examples mode): each step every rank sends its micro-batch "

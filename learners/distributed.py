@@ -286,7 +286,9 @@ class DistributedLearnerRuntime:
         self.gather_s = 0.0  # data-parallel: seconds inside the micro-batch all-gather (a subset of allreduce_s)
         self.gather_bytes = self.reduce_bytes = 0  # data-parallel: mean pickled payload / all-reduce bytes a step
         # steps that learned events (group-wide): their count, wall and CPU seconds, sync share
-        self.work = {"steps": 0, "events": 0, "wall_s": 0.0, "cpu_s": 0.0, "comm_s": 0.0, "allreduce_s": 0.0}
+        # and where a step's wall time goes: reading (poll + take), convert + predict, the sync (learning included)
+        self.work = {"steps": 0, "events": 0, "wall_s": 0.0, "cpu_s": 0.0, "comm_s": 0.0, "allreduce_s": 0.0,
+                     "fill_s": 0.0, "predict_s": 0.0, "sync_s": 0.0}
         self.resumed = False
         self._resume()
         self.mode = _sync_mode(learner, sync_mode)
@@ -626,6 +628,7 @@ class DistributedLearnerRuntime:
                 if got:
                     last_record = now
                 events = self._take(buffers, k)
+                t_read = time.perf_counter()
                 imps = [e for e in events if e.kind == "impression"]
                 self._skipped += len(events) - len(imps)
                 before = None if self.mode != "delta" else [a.copy() for a in self._arrays()]
@@ -640,19 +643,24 @@ class DistributedLearnerRuntime:
                 due = (self.rank == 0 and self.checkpoint_every_s is not None
                        and now - self._last_checkpoint >= self.checkpoint_every_s)
                 control = [len(imps), self._stop.is_set(), idle, due]
+                t_sync = time.perf_counter()
                 if self.mode == "examples":
                     total = self._sync_examples(control, xs, ys)
                 elif self.mode == "data-parallel":
                     total = self._sync_shards(control, xs, ys)
                 else:
                     total = self._sync(before, n_before, control)
+                t_end = time.perf_counter()
                 self._steps += 1
                 learned = int(total[0])
                 if learned:
                     w = self.work
                     w["steps"] += 1
                     w["events"] += learned
-                    w["wall_s"] += time.perf_counter() - t_step
+                    w["wall_s"] += t_end - t_step
+                    w["fill_s"] += t_read - t_step
+                    w["predict_s"] += t_sync - t_read
+                    w["sync_s"] += t_end - t_sync
                     w["cpu_s"] += time.process_time() - cpu_step
                     w["comm_s"] += self.comm_s - comm0
                     w["allreduce_s"] += self.allreduce_s - ar0
