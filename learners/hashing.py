@@ -207,6 +207,9 @@ def _join_rows(rows_a: np.ndarray, rows_b: np.ndarray, n_rows: int) -> tuple[np.
     return ia, ib
 
 
+_NO_OWNER = -2  # neither a block id nor NO_BLOCK (-1, whose slot is the last one)
+
+
 class _BlockTable:
     """The value codes of interned feature mappings with one set of names, direct-mapped:
     block ``b`` lives in slot ``b % slots`` (``owner`` says which block a slot holds). Block
@@ -215,7 +218,7 @@ class _BlockTable:
 
     def __init__(self, width: int, slots: int) -> None:
         self.mask = slots - 1
-        self.owner = np.full(slots, -1, dtype=np.int64)
+        self.owner = np.full(slots, _NO_OWNER, dtype=np.int64)
         self.codes = np.zeros((slots, width), dtype=np.int64)
         self.numbers = np.zeros((slots, width))
 
@@ -497,7 +500,7 @@ class FeatureHasher:
         if table is None:
             table = self._block_tables[(side, names)] = _BlockTable(width, self.block_slots)
         slot = blocks & table.mask
-        known = table.owner[slot] == blocks  # NO_BLOCK never owns a slot
+        known = table.owner[slot] == blocks  # NO_BLOCK never owns a slot: it falls to the value path
         if not known.all():
             new, first = np.unique(blocks[~known], return_index=True)
             new_slots = new & table.mask

@@ -104,3 +104,26 @@ def test_column_batches_hash_like_their_dicts_whatever_the_block_tables_hold(blo
         assert (cols.user_block >= 0).all()
         got = warm.transform_columns(cols)
         assert _same(got, FeatureHasher(bits=20).transform(columns_to_xs(cols)))
+
+
+def test_rows_the_validator_built_hash_by_value_beside_interned_rows() -> None:
+    """A row whose mapping is not interned (msgspec refuses a boolean feature, the validator
+    accepts it: block id NO_BLOCK) in a batch of interned rows with the same names is hashed
+    from its own values, whatever the table holds."""
+    from learners.base import columns_to_xs
+    from streams.columns import NO_BLOCK, FeatureBlocks, decode_columns
+    from streams.events import Event, encode_event
+
+    def raw(j: int, flag: object) -> bytes:
+        e = Event(kind="impression", event_id=f"e{j}", event_time=1.0, user_id=f"u{j % 3}", request_id="r",
+                  user_features={"a": f"x{j % 2}", "flag": "no"}, item_id=f"i{j % 4}",
+                  item_features={"c": "c1"}, label=j % 2, position=j % 3)
+        return encode_event(e).replace(b'"flag":"no"', b'"flag":' + flag) if flag != b'"no"' else encode_event(e)
+
+    warm = FeatureHasher(bits=20, block_slots=4)
+    blocks = FeatureBlocks()
+    for b in range(6):
+        raws = [raw(j, b"true" if (j + b) % 5 == 0 else b"1" if (j + b) % 7 == 0 else b'"no"') for j in range(30)]
+        cols, rejects = decode_columns(raws, blocks)
+        assert not rejects and (cols.user_block == NO_BLOCK).any() and (cols.user_block != NO_BLOCK).any()
+        assert _same(warm.transform_columns(cols), FeatureHasher(bits=20).transform(columns_to_xs(cols)))
