@@ -234,6 +234,9 @@ def _bench(args: argparse.Namespace) -> int:
               f"rank per step, {need:.2f} Gb/s at the measured {top['steps_per_s']:.1f} steps/s. The wire is not "
               "the limit; the learning step is: every rank learns all N micro-batches, so the group's events/s "
               "stays at one rank's learning rate (reading and decoding are what scale).")
+        if args.json:
+            args.json.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()},
+                                             "impressions": impressions, "results": results}, indent=2))
         return 0
     wire = 2 * (n - 1) / n * b  # ring all-reduce, bytes sent (and received) per rank per step
     link = args.link_gbps * 1e9 / 8
