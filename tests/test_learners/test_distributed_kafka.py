@@ -295,10 +295,10 @@ def _tt_stream(n: int, seed: int = 1) -> tuple[list, np.ndarray]:
     return [event_to_x(e) for e in imps], np.array([e.label for e in imps])
 
 
-def _threaded_ranks(learners: list, xs: list, ys: np.ndarray, step: int) -> None:
+def _threaded_ranks(learners: list, xs: list, ys: np.ndarray, step: int, split=None) -> None:
     """Run ``learn_shard`` on each learner in its own thread, rank r taking every
-    len(learners)-th example of each step, with an all-reduce made of a barrier and a sum
-    (in this test, not the runtime's)."""
+    len(learners)-th example of each step (or ``split(step_index, n, rank)``'s indices),
+    with an all-reduce made of a barrier and a sum (in this test, not the runtime's)."""
     import threading
 
     n = len(learners)
@@ -318,9 +318,10 @@ def _threaded_ranks(learners: list, xs: list, ys: np.ndarray, step: int) -> None
 
     def run(r: int) -> None:
         try:
-            for i in range(0, len(xs), step):
+            for j, i in enumerate(range(0, len(xs), step)):
                 bx, by = xs[i:i + step], ys[i:i + step]
-                learners[r].learn_shard(bx, by, np.arange(r, len(bx), n), reduce_for(r))
+                mine = np.arange(r, len(bx), n) if split is None else split(j, len(bx), r)
+                learners[r].learn_shard(bx, by, mine, reduce_for(r))
         except BaseException as exc:  # noqa: BLE001 - re-raised in the test thread
             errors.append(exc)
             bar.abort()
@@ -474,3 +475,27 @@ def test_data_parallel_sigkill_then_restart_learns_each_event_once(kafka_bootstr
     assert ck2.events_learned == impressions and ck2.learner().n_learned == impressions  # none lost, none twice
     _rank_digests_are_the_checkpoint(ck2)
     assert _canonical(ck2.state) == _canonical(ck.state), out[-3000:]  # the uninterrupted run's model, bit for bit
+
+
+def test_a_rank_without_examples_in_a_step_contributes_zeros() -> None:
+    """Every other step rank 1 has no examples (its partitions had none) and rank 0 all of
+    them: rank 1 still allocates the rows, joins the all-reduce with zero gradients and
+    applies the same step; both end equal to one learner stepping on each union."""
+    from learners.registry import make_learner
+
+    xs, ys = _tt_stream(3000)
+    ranks = [make_learner("two-tower", **TT_PARAMS) for _ in range(2)]
+    for lrn in ranks:
+        lrn._ensure_built(xs[:200])
+
+    def split(j: int, n: int, r: int) -> np.ndarray:
+        if j % 2 == 0:
+            return np.arange(n) if r == 0 else np.arange(0)
+        return np.arange(r, n, 2)
+
+    _threaded_ranks(ranks, xs, ys, 200, split)
+    one = make_learner("two-tower", **TT_PARAMS)
+    for i in range(0, len(xs), 200):
+        one.learn_many(xs[i:i + 200], ys[i:i + 200])
+    assert _canonical(ranks[0].state_dict()) == _canonical(ranks[1].state_dict())
+    assert _state_close(ranks[0].state_dict(), one.state_dict()) < 1e-6
