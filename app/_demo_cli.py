@@ -55,8 +55,8 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p.add_argument("--index-learner", default="inttower", choices=("two-tower", "inttower"),
                    help="the learner whose item tower is indexed and served (default inttower)")
     p.add_argument("--batch-nice", type=int, default=10, metavar="N",
-                   help="niceness of learners, indexer and producer, so the scorer gets the CPU first "
-                        "(0..19, default 10; 0: all equal)")
+                   help="niceness of the learners and the indexer, so the request path (producer, broker, "
+                        "scorer) gets the CPU first (0..19, default 10; 0: all equal)")
     p.add_argument("--no-item-deltas", action="store_true",
                    help="no item events: new items become retrievable only with the next full rebuild")
     p.set_defaults(func=_demo)

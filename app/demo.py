@@ -103,9 +103,11 @@ class DemoConfig:
     drift_every, new_item_rate
         Simulator dynamics; None: about 3 drifts and 200 new items over the run.
     batch_nice
-        Niceness of the batch work (learners, indexer, producer) relative to the scorer and
-        the broker, which answer requests: on a shared machine the kernel then gives the
-        request path the CPU first, as a cgroup CPU weight would in production (0: all equal).
+        Niceness of the batch work (learners, indexer) relative to the request path: the
+        producer (it stands in for the front end that sends the requests, and a request's
+        latency runs from its send), the broker and the scorer. On a shared machine the
+        kernel then gives the request path the CPU first, as a cgroup CPU weight would in
+        production (0: all equal).
     item_deltas
         The producer announces new items on ``<prefix>.items`` and the scorer applies them
         to the served index between rebuilds (False: new items wait for a rebuild).
@@ -442,7 +444,7 @@ class Demo:
         env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         child = Child(name=name, cmd=cmd, log=log, port=port)
         preexec = self._preexec
-        if name != "scorer" and self.config.batch_nice:
+        if name not in _REQUEST_PATH and self.config.batch_nice:
             preexec = _niced(self.config.batch_nice, self._preexec)
         with log.open("ab") as fh:
             child.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
@@ -774,6 +776,10 @@ class Demo:
         print(f"demo over after {data['wall_s']:.0f} s ({self._stop_reason}); "
               f"{'failures: ' + '; '.join(self.failures) if self.failures else 'no failures'}",
               file=self.stream, flush=True)
+
+
+#: The children a request passes through (the broker is not a child): never niced.
+_REQUEST_PATH = frozenset({"scorer", "producer"})
 
 
 def _niced(increment: int, then: Callable[[], None] | None) -> Callable[[], None]:
