@@ -16,7 +16,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pytest
@@ -77,6 +77,22 @@ def _ends(settings: KafkaSettings, topics: Topics) -> dict[int, int]:
 def _w_digest(state: dict) -> str:
     # computed here from the checkpoint's own array, not by the code under test
     return hashlib.sha256(np.ascontiguousarray(np.asarray(state["w"], dtype=np.float64)).tobytes()).hexdigest()
+
+
+def _killed_run(settings: KafkaSettings, topics: Topics, killed: Path, learner: Sequence[str] = LR) -> tuple[Any, str]:
+    """The stream again, in another group, with rank 1 SIGKILLed after the first checkpoint
+    and torchrun restarting the group once: ``(the first checkpoint, the run's output)``."""
+    proc = _learn(settings, topics, killed, "--checkpoint-every-n", "300", "--group", f"k-{topics.prefix}",
+                  restarts=1, learner=learner)
+    deadline = time.monotonic() + 120
+    while not killed.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint before the kill"
+        time.sleep(0.05)
+    first = load_checkpoint(killed)
+    workers = _children(proc.pid)
+    assert len(workers) == 2
+    os.kill(max(workers), signal.SIGKILL)
+    return first, _finish(proc)
 
 
 def _children(pid: int) -> list[int]:
@@ -207,17 +223,7 @@ def test_sigkill_of_one_rank_then_restart_learns_each_event_once(kafka_bootstrap
 
     # the same stream again, in another group, with rank 1 SIGKILLed after the first checkpoint
     killed = tmp_path / "killed.ckpt"
-    proc = _learn(settings, topics, killed, "--checkpoint-every-n", "300", "--group", f"k-{topics.prefix}",
-                  restarts=1)
-    deadline = time.monotonic() + 120
-    while not killed.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint before the kill"
-        time.sleep(0.05)
-    first = load_checkpoint(killed)
-    workers = _children(proc.pid)
-    assert len(workers) == 2
-    os.kill(max(workers), signal.SIGKILL)
-    _finish(proc)
+    first, _ = _killed_run(settings, topics, killed)
     ck2 = load_checkpoint(killed)
     assert first.events_learned < impressions  # the kill came mid-stream
     assert ck2.offsets == {topics.events: ends}
@@ -458,17 +464,7 @@ def test_data_parallel_sigkill_then_restart_learns_each_event_once(kafka_bootstr
     _rank_digests_are_the_checkpoint(ck)
 
     killed = tmp_path / "killed.ckpt"
-    proc = _learn(settings, topics, killed, "--checkpoint-every-n", "300", "--group", f"k-{topics.prefix}",
-                  restarts=1, learner=learner)
-    deadline = time.monotonic() + 120
-    while not killed.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint before the kill"
-        time.sleep(0.05)
-    first = load_checkpoint(killed)
-    workers = _children(proc.pid)
-    assert len(workers) == 2
-    os.kill(max(workers), signal.SIGKILL)
-    out = _finish(proc)
+    first, out = _killed_run(settings, topics, killed, learner)
     ck2 = load_checkpoint(killed)
     assert first.events_learned < impressions  # the kill came mid-stream
     assert ck2.offsets == {topics.events: ends}
