@@ -87,11 +87,14 @@ class OnlineEvalConfig:
             raise ValueError("window_seconds must be >= 0 and the capacities >= 1")
 
 
-@dataclass
-class _Pending:
-    event: Event
-    model: ModelHandle | None
-    clicked: bool = False
+# A pending impression is a plain tuple (event time, model slot, example, clicked): with
+# only strings, numbers and tuples of those inside (the example as its key-value pairs), the collector stops tracking
+# it after a look or two, so the tens of thousands waiting for their click window never make
+# a young or full collection (a pause of every request) longer. The slot (-1: not
+# served here) names a counted model handle, so a handle lives exactly as long as some
+# served request or pending impression refers to it (not for served_capacity requests).
+_Pending = tuple  # (event_time: float, slot: int, x: ((key, value), ...) | None, clicked: bool)
+_TIME, _SLOT, _X, _CLICKED = 0, 1, 2, 3
 
 
 class OnlineEvaluator:
@@ -122,7 +125,11 @@ class OnlineEvaluator:
         self.metrics = metrics
         self.shadows = dict(shadows or {})
         self._lock = threading.Lock()
-        self._served: OrderedDict[str, ModelHandle] = OrderedDict()
+        self._served: OrderedDict[str, int] = OrderedDict()  # request id -> model slot
+        self._handles: dict[int, ModelHandle] = {}  # slot -> handle, while referenced
+        self._refs: dict[int, int] = {}  # slot -> served requests + pending impressions
+        self._slot_of: dict[int, int] = {}  # id(handle) -> slot (the handle is alive: _handles holds it)
+        self._slots = itertools.count()
         self._pending: dict[tuple[str, str], _Pending] = {}
         self._heap: list[tuple[float, int, tuple[str, str]]] = []
         self._orphans: dict[tuple[str, str], float] = {}
@@ -134,14 +141,45 @@ class OnlineEvaluator:
         self._impressions = {"evaluated": 0, "not_served": 0}
         self._clicks = {"joined": 0, "late": 0, "unmatched": 0, "duplicate": 0}
 
+    # ------------------------------------------------------------------ model slots (under the lock)
+    def _ref(self, model: ModelHandle) -> int:
+        slot = self._slot_of.get(id(model))
+        if slot is None or self._handles.get(slot) is not model:
+            slot = next(self._slots)
+            self._slot_of[id(model)] = slot
+            self._handles[slot] = model
+            self._refs[slot] = 0
+        self._refs[slot] += 1
+        return slot
+
+    def _unref(self, slot: int) -> None:
+        if slot < 0:
+            return
+        left = self._refs[slot] - 1
+        if left:
+            self._refs[slot] = left
+            return
+        del self._refs[slot]
+        model = self._handles.pop(slot)
+        if self._slot_of.get(id(model)) == slot:
+            del self._slot_of[id(model)]
+
+    def models_held(self) -> int:
+        """Model handles still referenced by a served request or a pending impression."""
+        with self._lock:
+            return len(self._handles)
+
     # ------------------------------------------------------------------ inputs
     def record_served(self, request_id: str, model: ModelHandle) -> None:
         """Remember that ``model`` answered ``request_id``."""
         with self._lock:
-            self._served[request_id] = model
-            self._served.move_to_end(request_id)
+            slot = self._ref(model)
+            old = self._served.pop(request_id, None)
+            if old is not None:
+                self._unref(old)
+            self._served[request_id] = slot
             while len(self._served) > self.config.served_capacity:
-                self._served.popitem(last=False)
+                self._unref(self._served.popitem(last=False)[1])
 
     def observe(self, event: Event) -> None:
         """Take one impression or click (requests are ignored). Nothing is finalised
@@ -163,15 +201,22 @@ class OnlineEvaluator:
         with self._lock:
             if key in self._pending or key in self._closed:
                 return  # a redelivered impression: counted once
-            p = _Pending(event=e, model=self._served.get(e.request_id))
+            slot = self._served.get(e.request_id, -1)
+            x = None  # not served here: never scored
+            if slot >= 0:
+                self._refs[slot] += 1
+                # what the served model is scored on, as at serving time; as pairs (a dict holding a
+                # tuple would stay tracked until a full collection)
+                x = tuple(list(event_to_x(e, with_position=False).items()))
+            clicked = False
             t_click = self._orphans.pop(key, None)
             if t_click is not None:
                 if abs(t_click - e.event_time) <= self.config.window_seconds:
-                    p.clicked = True
+                    clicked = True
                     self._count_click("joined")
                 else:
                     self._count_click("late")
-            self._pending[key] = p
+            self._pending[key] = (e.event_time, slot, x, clicked)
             heapq.heappush(self._heap, (e.event_time, next(self._seq), key))
 
     def _on_click(self, e: Event) -> None:
@@ -179,10 +224,10 @@ class OnlineEvaluator:
         with self._lock:
             p = self._pending.get(key)
             if p is not None:
-                if p.clicked:
+                if p[_CLICKED]:
                     self._count_click("duplicate")
-                elif e.event_time - p.event.event_time <= self.config.window_seconds:
-                    p.clicked = True
+                elif e.event_time - p[_TIME] <= self.config.window_seconds:
+                    self._pending[key] = (p[_TIME], p[_SLOT], p[_X], True)
                     self._count_click("joined")
                 else:
                     self._count_click("late")
@@ -212,14 +257,16 @@ class OnlineEvaluator:
         self._evaluate(done)
         return len(done)
 
-    def _pop_until(self, cutoff: float) -> list[_Pending]:
-        done: list[_Pending] = []
+    def _pop_until(self, cutoff: float) -> list[tuple[_Pending, ModelHandle | None]]:
+        done: list[tuple[_Pending, ModelHandle | None]] = []
         while self._heap and self._heap[0][0] < cutoff:
             _, _, key = heapq.heappop(self._heap)
             p = self._pending.pop(key, None)
             if p is None:
                 continue
-            done.append(p)
+            slot = p[_SLOT]
+            done.append((p, self._handles.get(slot) if slot >= 0 else None))
+            self._unref(slot)
             self._closed[key] = None
         while len(self._closed) > self.config.closed_capacity:
             self._closed.popitem(last=False)
@@ -229,22 +276,23 @@ class OnlineEvaluator:
                 self._count_click("unmatched")
         return done
 
-    def _evaluate(self, done: list[_Pending]) -> None:
+    def _evaluate(self, done: list[tuple[_Pending, ModelHandle | None]]) -> None:
         if not done:
             return
-        served = [p for p in done if p.model is not None]
+        served = [(p, m) for p, m in done if m is not None]
         not_served = len(done) - len(served)
-        by_model: dict[int, list[_Pending]] = {}
-        for p in served:
-            by_model.setdefault(id(p.model), []).append(p)
+        by_model: dict[int, tuple[ModelHandle, list[_Pending]]] = {}
+        for p, m in served:
+            by_model.setdefault(id(m), (m, []))[1].append(p)
         scored: dict[str, tuple[list[int], list[float]]] = {}
-        for group in by_model.values():
-            self._score_into(scored, group[0].model, group)  # type: ignore[arg-type]
+        for model, group in by_model.values():
+            self._score_into(scored, model, group)
         if served:
+            every = [p for p, _ in served]
             for name, source in self.shadows.items():
                 handle = source.current()
                 if handle is not None:
-                    self._score_into(scored, ModelHandle(handle.learner, name, handle.version), served)
+                    self._score_into(scored, ModelHandle(handle.learner, name, handle.version), every)
         with self._lock:
             self._impressions["evaluated"] += len(served)
             self._impressions["not_served"] += not_served
@@ -263,7 +311,7 @@ class OnlineEvaluator:
 
     def _score_into(self, scored: dict[str, tuple[list[int], list[float]]], model: ModelHandle,
                     group: list[_Pending]) -> None:
-        xs = [event_to_x(p.event, with_position=False) for p in group]
+        xs = [dict(p[_X]) for p in group]
         try:
             probs = np.asarray(model.learner.predict_proba_many(xs), dtype=np.float64)
         except Exception:  # evaluation must never stop the events loop
@@ -271,7 +319,7 @@ class OnlineEvaluator:
                              model.name, model.version, len(xs))
             return
         ys, ps = scored.setdefault(model.name, ([], []))
-        ys.extend(int(p.clicked) for p in group)
+        ys.extend(int(p[_CLICKED]) for p in group)
         ps.extend(probs.tolist())
 
     # ------------------------------------------------------------------ outputs
@@ -297,5 +345,6 @@ class OnlineEvaluator:
                 "clicks": dict(self._clicks),
                 "pending": len(self._pending),
                 "served_remembered": len(self._served),
+                "models_held": len(self._handles),
                 "watermark": self.watermark,
             }

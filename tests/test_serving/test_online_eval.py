@@ -136,6 +136,42 @@ def test_served_memory_is_bounded() -> None:
     assert ev.stats()["impressions"] == {"evaluated": 1, "not_served": 1}
 
 
+def test_a_model_is_held_only_while_a_request_or_impression_needs_it() -> None:
+    # a reloading scorer answers with a new handle every period: the evaluator must not keep
+    # every one of them alive for served_capacity requests (each is a whole model)
+    ev = OnlineEvaluator(OnlineEvalConfig(window_seconds=5, served_capacity=2))
+    handles = [ModelHandle(Table({"a": 0.5}), "tt", v) for v in range(4)]
+    for n, h in enumerate(handles):
+        ev.record_served(f"r{n}", h)
+    assert ev.models_held() == 2  # r0 and r1 were forgotten: so were their models
+    feed(ev, [imp("r3", "a", 0.0)])
+    ev.record_served("r4", handles[0])
+    ev.record_served("r5", handles[0])  # r3 is forgotten as a request, its impression still waits
+    assert ev.models_held() == 2  # handles[3] (the pending impression) and handles[0]
+    ev.flush()
+    assert ev.models_held() == 1
+    assert ev.stats()["impressions"] == {"evaluated": 1, "not_served": 0}
+
+
+def test_pending_impressions_leave_the_garbage_collector_nothing_to_scan() -> None:
+    # every collection (a pause of every request) scans the tracked objects of its generations:
+    # the impressions waiting for their click window must not stay among them
+    import gc
+
+    ev = OnlineEvaluator(OnlineEvalConfig(window_seconds=600))
+    ev.record_served("r1", ModelHandle(Table({}), "tt", 1))
+    events = [Event(kind="impression", event_id=f"i{n}", event_time=float(n), user_id="u1", request_id="r1",
+                    item_id=f"item{n}", item_features={"tags": ("a", "b"), "price": 3.5},
+                    user_features={"age": "25-34"}, label=0, position=0) for n in range(500)]
+    feed(ev, events)
+    del events
+    for _ in range(3):  # each look untracks what holds only untracked values (children first)
+        gc.collect()
+    assert ev.stats()["pending"] == 500
+    tracked = [p for p in ev._pending.values() if gc.is_tracked(p) or gc.is_tracked(p[2])]
+    assert tracked == []
+
+
 def test_metrics_are_exported() -> None:
     reg = CollectorRegistry()
     ev = OnlineEvaluator(OnlineEvalConfig(window_seconds=5), metrics=Metrics(registry=reg))
