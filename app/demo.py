@@ -424,16 +424,14 @@ class Demo:
                           "--metrics-port", str(self.ports["indexer"]))
 
     def _scorer_cmd(self) -> list[str]:
-        return self._base("serve", "--checkpoint", str(self.ckpt(self.config.index_learner)),
-                          "--index-root", str(self.index_root), "--bootstrap", self.bootstrap,
+        # the model served is the one each index version was built from (serve's default):
+        # one load per index period, shared with the item-delta follower
+        return self._base("serve", "--index-root", str(self.index_root), "--bootstrap", self.bootstrap,
                           "--topic-prefix", self.prefix, "--host", "127.0.0.1", "--port", str(self.ports["scorer"]),
                           "--group", "demo-scorer", "--eval-group", "demo-scorer-eval",
                           # the scorer observes a batch's time for each request in it: small
                           # batches keep that close to one request's latency
                           "--score-batch", "16",
-                          # each reload unpickles and rebuilds the model on the CPU the requests
-                          # need; the index (the other half of an answer) moves every period anyway
-                          "--checkpoint-poll", f"{self.config.index_period_s:g}",
                           *(() if self.config.item_deltas else ("--no-item-deltas",)))
 
     def _start(self, name: str, cmd: list[str], port: int | None = None) -> Child:

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -31,7 +33,7 @@ from streams.items import ItemEvent, ItemEventError, decode_item_event
 from streams.topics import ITEMS_PARTITIONS, Topics
 from streams.transport import Consumer, Record, TopicPartition
 
-__all__ = ["ItemDeltaFollower", "version_tower", "covered_seq", "items_partition"]
+__all__ = ["ItemDeltaFollower", "VersionLearner", "version_learner", "version_tower", "covered_seq", "items_partition"]
 
 log = logging.getLogger(__name__)
 
@@ -56,18 +58,62 @@ def covered_seq(base: Any) -> int | None:
     return int(value) if value is not None else None
 
 
-def version_tower(base: IndexHandle) -> ItemEncoder | None:
-    """The frozen item tower a version was built with (its ``tower.ckpt``), or None if the
-    version keeps none. The file is checked against the manifest's sha256 first."""
+@dataclass(frozen=True, eq=False)
+class VersionLearner:
+    """The learner a version's ``tower.ckpt`` rebuilds, with what its checkpoint says."""
+
+    learner: Any
+    name: str
+    events_learned: int
+    created_at: float
+    path: Path
+    sha256: str
+
+
+_TOWERS: OrderedDict[str, VersionLearner] = OrderedDict()  # sha256 -> loaded, newest last
+_TOWERS_LOCK = threading.Lock()
+TOWER_CACHE_SIZE = 2
+
+
+def version_learner(base: Any) -> VersionLearner | None:
+    """The learner of the version ``base`` was built with (its ``tower.ckpt``), or None if the
+    version keeps none; checked against the manifest's sha256 first.
+
+    Loaded once per process for each distinct file (the newest :data:`TOWER_CACHE_SIZE`
+    are kept): the scorer's model of a version (``serve --model-from index``) and the item
+    tower that embeds its item deltas are one object, so an index swap costs one unpickle
+    and one rebuild (tens of milliseconds of CPU, holding the GIL in long stretches, that
+    every request in flight waits for), not two. A caller asking while another loads the
+    same file waits for that load."""
     from learners.checkpoint import checkpoint_from_bytes
 
     path = getattr(base, "path", None)
     expected = ((getattr(base, "manifest", None) or {}).get("files") or {}).get(TOWER_FILE)
     if path is None or expected is None:
         return None
+    sha = str(expected.get("sha256"))
     file = Path(path) / TOWER_FILE
-    verify_file(file, expected)
-    return checkpoint_from_bytes(file.read_bytes(), str(file)).learner().encode_items
+    with _TOWERS_LOCK:
+        hit = _TOWERS.get(sha)
+        if hit is not None:  # the same bytes, already checked and loaded (maybe from another version's copy)
+            _TOWERS.move_to_end(sha)
+            return hit if hit.path == file else replace(hit, path=file)
+        verify_file(file, expected)
+        ckpt = checkpoint_from_bytes(file.read_bytes(), str(file))
+        loaded = VersionLearner(learner=ckpt.learner(), name=str(ckpt.spec["name"]),
+                                events_learned=int(ckpt.events_learned), created_at=float(ckpt.created_at),
+                                path=file, sha256=sha)
+        _TOWERS[sha] = loaded
+        while len(_TOWERS) > TOWER_CACHE_SIZE:
+            _TOWERS.popitem(last=False)
+        return loaded
+
+
+def version_tower(base: IndexHandle) -> ItemEncoder | None:
+    """The frozen item tower a version was built with (:func:`version_learner`'s
+    ``encode_items``), or None if the version keeps none."""
+    loaded = version_learner(base)
+    return None if loaded is None else loaded.learner.encode_items
 
 
 class ItemDeltaFollower:

@@ -1,14 +1,15 @@
 """``towerstream serve``: the scorer process (Kafka request loop + HTTP + /metrics).
 
-Reads the newest learner checkpoint (reloaded when a newer one appears) and the
-indexer's current version (hot-swapped on announcements), consumes request events and
+Serves the indexer's current version (hot-swapped on announcements) with the model it
+was built from (or, with ``--checkpoint``, the newest learner checkpoint, reloaded when
+a newer one appears), consumes request events and
 produces ranked lists, follows impressions and clicks for online AUC, and serves
 ``/recommend``, ``/healthz``, ``/readyz`` and ``/metrics`` on one port. Without
 ``--bootstrap`` (and ``KAFKA_BOOTSTRAP_SERVERS`` unset) it serves HTTP only.
 
 Example::
 
-    towerstream serve --checkpoint runs/two-tower/ --index-root runs/index \\
+    towerstream serve --index-root runs/index \\
         --bootstrap localhost:9092 --port 8080
 """
 
@@ -28,13 +29,21 @@ from streams.transport import KafkaSettings
 
 __all__ = ["register"]
 
+FULL_GC_EVERY = 100  # second-generation collections between full ones (Python's default: 10)
+
 
 def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """Add the ``serve`` subcommand to ``subparsers``."""
     p = subparsers.add_parser("serve", help="score requests from Kafka and HTTP; export /metrics",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", type=Path, required=True,
-                   help="learner checkpoint file, or a directory of them (newest *.ckpt is served)")
+    p.add_argument("--model-from", choices=("index", "checkpoint"), default=None, dest="model_from",
+                   help="index: serve the model each index version was built from (user vectors in the space "
+                        "of the item vectors searched; one load per version); checkpoint: the newest learner "
+                        "checkpoint (fresher pre-ranking). Default: checkpoint when --checkpoint is given, "
+                        "else index")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="learner checkpoint file, or a directory of them (newest *.ckpt is served): "
+                        "the served model with --model-from checkpoint")
     p.add_argument("--checkpoint-pattern", default="*.ckpt", help="checkpoint file glob inside a directory")
     p.add_argument("--index-root", type=Path, required=True, help="the indexer's artifact store root")
     p.add_argument("--bootstrap-servers", "--bootstrap", dest="bootstrap", default=None,
@@ -109,7 +118,7 @@ def _serve(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)  # idle OpenMP threads spin: keep single queries on one
     config = ServeConfig(
-        checkpoint=args.checkpoint, index_root=args.index_root, kafka=_kafka(args),
+        checkpoint=args.checkpoint, model_from=args.model_from, index_root=args.index_root, kafka=_kafka(args),
         topics=Topics(prefix=args.topic_prefix), host=args.host, port=args.port,
         k_retrieve=args.k_retrieve, k_default=args.k_default, group_id=args.group,
         eval_group_id=args.eval_group, checkpoint_pattern=args.checkpoint_pattern,
@@ -129,10 +138,13 @@ def _serve(args: argparse.Namespace) -> int:
         from streams.consumer import tune_gc
 
         # torch, FAISS and the loaded model are ~300k objects that a full collection rescans
-        # (80-300 ms, every request waits); frozen, they are never scanned again. Measured in
-        # the demo (60 s, 2 cores): end-to-end p99 29 ms with the learners' young-generation
-        # threshold, 151 ms with the default one (two full collections of 100-250 ms each).
-        tune_gc()
+        # (80-300 ms, every request waits); frozen, they are never scanned again, nor are the
+        # model and index that arrive later (freeze_gc_when_warm). Python's young thresholds
+        # (700, 10): a collection every few hundred allocations, 0.1 ms (1.2 ms for the second
+        # generation), instead of the learners' 50,000 (25-37 ms each, measured in the demo);
+        # full collections 10x rarer than Python's default, ~20 ms each.
+        tune_gc(None, full_every=FULL_GC_EVERY)
+        app.freeze_gc_when_warm()
     print(f"towerstream serve: http://{args.host}:{app.port}  (/recommend /healthz /readyz /metrics); "
           f"kafka: {config.kafka.bootstrap_servers if config.kafka else 'off'}", file=sys.stderr, flush=True)
     try:

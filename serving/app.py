@@ -2,10 +2,13 @@
 
 One process holds:
 
-* a :class:`~serving.scorer.CheckpointLearnerSource` (the newest learner checkpoint,
-  reloaded in the background) and an :class:`~indexer.handle.IndexHolder` kept current by
-  an :class:`~indexer.watcher.IndexWatcher` on the control topic (without Kafka: by
-  polling the artifact store's ``CURRENT``);
+* an :class:`~indexer.handle.IndexHolder` kept current by an
+  :class:`~indexer.watcher.IndexWatcher` on the control topic (without Kafka: by polling
+  the artifact store's ``CURRENT``), and the served model: by default the one each index
+  version was built from, loaded before that version is swapped in
+  (:class:`~serving.version_model.VersionLearnerSource`), or the newest learner checkpoint,
+  reloaded in the background (:class:`~serving.scorer.CheckpointLearnerSource`,
+  ``model_from="checkpoint"``);
 * the :class:`~serving.scorer.Scorer`;
 * the HTTP server (``/recommend``, ``/healthz``, ``/readyz``, ``/metrics``);
 * with Kafka: the request loop (requests -> rankings) and the events follower
@@ -23,11 +26,12 @@ supervisor restarts it from the last commit.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Callable, Mapping
 
 from prometheus_client import REGISTRY, CollectorRegistry
 
@@ -48,6 +52,7 @@ from serving.request_consumer import (
     open_request_consumer,
 )
 from serving.scorer import CheckpointLearnerSource, ItemFeatureStore, LearnerSource, Scorer
+from serving.version_model import VersionLearnerSource
 from streams.errors import ConfigError, TowerstreamError
 from streams.exposition import ThreadCPUCollector, watch_gc_pauses
 from streams.deadletter import DeadLetterWriter
@@ -65,10 +70,15 @@ class ServeConfig:
 
     Parameters
     ----------
-    checkpoint
-        A learner checkpoint file, or a directory of them (newest ``checkpoint_pattern``).
     index_root
         The indexer's artifact store root.
+    checkpoint
+        A learner checkpoint file, or a directory of them (newest ``checkpoint_pattern``):
+        the served model with ``model_from="checkpoint"``.
+    model_from
+        ``"index"``: serve the model each index version was built from (its ``tower.ckpt``,
+        :mod:`serving.version_model`); ``"checkpoint"``: the newest learner checkpoint.
+        Default: ``"checkpoint"`` when ``checkpoint`` is given, else ``"index"``.
     kafka
         Kafka settings; None serves HTTP only (the index is then polled from the store).
     topics
@@ -95,8 +105,9 @@ class ServeConfig:
         Apply item events to the served index between rebuilds (Kafka only).
     """
 
-    checkpoint: Path
     index_root: Path
+    checkpoint: Path | None = None
+    model_from: str | None = None
     kafka: KafkaSettings | None = None
     topics: Topics = Topics()
     host: str = "0.0.0.0"
@@ -117,6 +128,12 @@ class ServeConfig:
     item_deltas: bool = True
 
     def __post_init__(self) -> None:
+        if self.model_from is None:
+            object.__setattr__(self, "model_from", "index" if self.checkpoint is None else "checkpoint")
+        if self.model_from not in ("index", "checkpoint"):
+            raise ConfigError(f"--model-from must be index or checkpoint, got {self.model_from!r}")
+        if self.model_from == "checkpoint" and self.checkpoint is None:
+            raise ConfigError("--model-from checkpoint needs --checkpoint PATH (a learner checkpoint or a directory)")
         if self.k_retrieve < 1 or self.k_default < 1:
             raise ConfigError(f"--k-retrieve and --k must be >= 1, got {self.k_retrieve} and {self.k_default}")
         if self.commit_interval_s < 0:
@@ -144,17 +161,24 @@ class ServingApp:
         self.metrics = Metrics(registry=registry)
         registry.register(ThreadCPUCollector())  # where the request loop's time goes, per thread
         self._unwatch_gc = watch_gc_pauses(registry)  # every collector pause stalls every request
-        self.models = CheckpointLearnerSource(config.checkpoint, pattern=config.checkpoint_pattern,
-                                              poll_interval_s=config.checkpoint_poll_s,
-                                              on_load=self.metrics.on_model_loaded,
-                                              # a new model fills its item-side cache before it serves
-                                              prepare=lambda handle: self.scorer.prepare(handle))
+        self.holder = IndexHolder()
+        self.models: CheckpointLearnerSource | VersionLearnerSource
+        if config.model_from == "index":
+            self.models = VersionLearnerSource(self.holder, on_load=self.metrics.on_model_loaded,
+                                               # a version's model fills its item-side cache before it serves
+                                               prepare=lambda model, base: self.scorer.prepare(model, base))
+        else:
+            assert config.checkpoint is not None
+            self.models = CheckpointLearnerSource(config.checkpoint, pattern=config.checkpoint_pattern,
+                                                  poll_interval_s=config.checkpoint_poll_s,
+                                                  on_load=self.metrics.on_model_loaded,
+                                                  # a new model fills its item-side cache before it serves
+                                                  prepare=lambda handle: self.scorer.prepare(handle))
         self.shadows: dict[str, CheckpointLearnerSource] = {
             name: CheckpointLearnerSource(path, pattern=config.checkpoint_pattern,
                                           poll_interval_s=max(config.checkpoint_poll_s, 5.0))
             for name, path in config.shadows.items()
         }
-        self.holder = IndexHolder()
         self.items = ItemFeatureStore()
         if config.catalogue is not None:
             n = self.items.load_jsonl(config.catalogue)
@@ -173,6 +197,7 @@ class ServingApp:
         self.item_follower: ItemDeltaFollower | None = None
         self._items_producer: Producer | None = None
         self._threads: list[threading.Thread] = []
+        self._swapper: Callable[[Any], object] | None = None
         self._stop = threading.Event()
         self.error: BaseException | None = None
 
@@ -184,13 +209,22 @@ class ServingApp:
                 version = store.current()
                 if version is not None and version != self.holder.version:
                     handle = load_handle(store.version_dir(version))
-                    self.holder.swap(handle)
+                    self._swap(handle)
                     self.metrics.on_index_swap(handle)
             except (TowerstreamError, OSError, RuntimeError) as exc:
                 logger.error("index poll of %s failed: %s; still serving %s",
                              self.config.index_root, exc, self.holder.version)
             if self._stop.wait(self.config.index_poll_s):
                 return
+
+    def _swap(self, base: Any) -> object:
+        """Serve index version ``base``: its model first (``model_from="index"``), then the
+        index (with the item deltas it does not cover, when deltas are followed)."""
+        if isinstance(self.models, VersionLearnerSource):
+            self.models.load_for(base)
+        if self._swapper is not None:
+            return self._swapper(base)
+        return self.holder.swap(base)
 
     def _spawn(self, name: str, target: object) -> None:
         def run() -> None:
@@ -231,8 +265,9 @@ class ServingApp:
                 DeadLetterWriter(self._items_producer, t.dead_letter, "scorer-items"),
                 on_upsert=self.items.upsert, on_served=self.freshness.served, min_covered=self._min_covered)
             swapper = self.item_follower.swap_base
+        self._swapper = swapper
         self.watcher = IndexWatcher(cfg.kafka, self.holder, cfg.index_root, topics=t,
-                                    on_swap=self.metrics.on_index_swap, swapper=swapper).start()
+                                    on_swap=self.metrics.on_index_swap, swapper=self._swap).start()
         if self.item_follower is not None:
             self._spawn("items", self._follow_items)
         self.requests = open_request_consumer(cfg.kafka, self.scorer, group_id=cfg.group_id, topics=t,
@@ -245,6 +280,24 @@ class ServingApp:
                                                  items=self.items, metrics=self.metrics)
             self._spawn("events", self.follower.run)
         return self
+
+    def freeze_gc_when_warm(self, settle_s: float = 5.0) -> None:
+        """From a daemon thread: once a model and an index serve (and ``settle_s`` more
+        seconds, in which the first answers import and build what scoring builds lazily),
+        move every object alive to the collector's permanent generation (``gc.freeze``).
+        ``towerstream serve`` freezes at start-up, but the model, the index, the torch and
+        FAISS code they pull in arrive later: tens of thousands of objects that every full
+        collection would otherwise rescan (measured in the demo: full collections of
+        ~170 ms, each a stall of every request in flight)."""
+        def run() -> None:
+            while not self.scorer.readiness()[0]:
+                if self._stop.wait(0.5):
+                    return
+            if not self._stop.wait(settle_s):
+                gc.freeze()
+                logger.info("warm: %d objects frozen out of the garbage collector's scans", gc.get_freeze_count())
+
+        threading.Thread(target=run, name="gc-freeze", daemon=True).start()
 
     def _min_covered(self) -> int | None:
         """The smallest item-log sequence covered by a version a rollback could serve."""

@@ -575,16 +575,16 @@ class Scorer:
         self.clock = clock
         self.item_sides = (ItemSideCache(getattr(self.item_xs, "revision", None)) if item_side_cache else None)
 
-    def prepare(self, model: ModelHandle) -> int:
+    def prepare(self, model: ModelHandle, handle: Any = None) -> int:
         """Fill a newly loaded model's item-side cache for every item known (``item_xs.ids()``
-        and the served index's ids) before it serves: pass as ``CheckpointLearnerSource(
-        prepare=...)``. Without it the first requests after each reload compute the item
-        tower for all their candidates. Returns the rows computed (0 for a learner without
-        an item side)."""
+        and the ids of index ``handle``, default the served one) before it serves: pass as
+        ``CheckpointLearnerSource(prepare=...)``. Without it the first requests after each
+        reload compute the item tower for all their candidates. Returns the rows computed
+        (0 for a learner without an item side)."""
         learner = model.learner
         if self.item_sides is None or not (hasattr(learner, "item_side") and hasattr(learner, "score_item_side")):
             return 0
-        handle = _index_handle(self.index_holder)
+        handle = handle if handle is not None else _index_handle(self.index_holder)
         known = getattr(self.item_xs, "ids", None)
         ids = list(known()) if callable(known) else []
         served = getattr(handle, "ids", None)

@@ -428,7 +428,7 @@ def open_event_consumer(
     return ec
 
 
-def tune_gc(gen0_threshold: int | None = 50_000) -> None:
+def tune_gc(gen0_threshold: int | None = 50_000, full_every: int | None = None) -> None:
     """Tune Python's cyclic garbage collector for a consumer *process*; call once, after
     start-up (the learner built, the checkpoint loaded).
 
@@ -443,9 +443,11 @@ def tune_gc(gen0_threshold: int | None = 50_000) -> None:
     ``gen0_threshold=None`` only freezes and keeps the thresholds: a latency-sensitive
     process (``towerstream serve``) wants frequent sub-millisecond young collections, not
     rare ones of tens of milliseconds, and no full collection rescanning its libraries.
+    ``full_every`` sets the third threshold (young-generation collections of the second
+    generation between full ones; Python's default 10), to make full collections rarer.
     """
     gc.collect()
     gc.freeze()
-    if gen0_threshold is not None:
-        _, gen1, gen2 = gc.get_threshold()
-        gc.set_threshold(gen0_threshold, gen1, gen2)
+    gen0, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(gen0 if gen0_threshold is None else gen0_threshold, gen1,
+                     gen2 if full_every is None else full_every)
