@@ -206,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    settings = KafkaSettings(args.bootstrap)
+    env = KafkaSettings.from_env(default_bootstrap=args.bootstrap)  # $TOWERSTREAM_KAFKA_OPTIONS apply
+    settings = KafkaSettings(args.bootstrap, env.client, env.options)
     topics = Topics(prefix=f"bench{uuid.uuid4().hex[:8]}")
     sim_events = list(ClickSimulator(SimulatorConfig(seed=1)).events(max_events=min(args.events, 50_000)))
     values = [(encode_event(e), key_for_user(e.user_id)) for e in sim_events]
