@@ -47,6 +47,7 @@ __all__ = [
     "load_checkpoint",
     "checkpoint_from_bytes",
     "restore_learner",
+    "same_learner",
     "nest_offsets",
     "flat_offsets",
 ]
@@ -226,6 +227,22 @@ def checkpoint_from_bytes(data: bytes, where: str = "checkpoint bytes") -> Check
         created_at=payload["created_at"],
         extra=payload.get("extra", {}),
     )
+
+
+def same_learner(have: Mapping[str, Any], want: Mapping[str, Any]) -> bool:
+    """Whether a checkpoint of spec ``have`` may resume a learner of spec ``want``: same name
+    and params, where a param the fresh learner leaves ``None`` (inferred from the first
+    batch and then part of its spec: the two-tower's ``user_fields``/``item_fields``)
+    matches whatever the checkpoint holds.
+
+    >>> same_learner({"name": "a", "params": {"f": ("x",)}}, {"name": "a", "params": {"f": None}})
+    True
+    >>> same_learner({"name": "a", "params": {"f": ("x",)}}, {"name": "a", "params": {"f": ("y",)}})
+    False
+    """
+    hp, wp = dict(have.get("params", {})), dict(want.get("params", {}))
+    return (have["name"] == want["name"] and hp.keys() == wp.keys()
+            and all(wp[k] is None or hp[k] == wp[k] for k in wp))
 
 
 def restore_learner(checkpoint: Checkpoint) -> Any:

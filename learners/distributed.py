@@ -77,7 +77,7 @@ import torch
 import torch.distributed as dist
 
 from learners.base import event_to_x
-from learners.checkpoint import flat_offsets, load_checkpoint, nest_offsets, save_checkpoint
+from learners.checkpoint import flat_offsets, load_checkpoint, nest_offsets, same_learner, save_checkpoint
 from learners.evaluate import prequential_step
 from learners.runtime import RuntimeStats, metrics_summary
 from streams.consumer import EventConsumer
@@ -229,19 +229,6 @@ def _sync_mode(learner: Any, wanted: str | None = None) -> str:
     return wanted
 
 
-def _same_learner(have: dict[str, Any], want: dict[str, Any]) -> bool:
-    """Same name and params; a param the fresh learner leaves ``None`` (inferred from the
-    first batch and then part of the spec: the two-tower's ``user_fields``/``item_fields``)
-    matches whatever the checkpoint holds.
-
-    >>> _same_learner({"name": "a", "params": {"f": ("x",)}}, {"name": "a", "params": {"f": None}})
-    True
-    """
-    hp, wp = have["params"], want["params"]
-    return (have["name"] == want["name"] and hp.keys() == wp.keys()
-            and all(wp[k] is None or hp[k] == wp[k] for k in wp))
-
-
 class DistributedLearnerRuntime:
     """One rank of a learner trained by ``world_size`` processes (see the module doc).
 
@@ -311,7 +298,7 @@ class DistributedLearnerRuntime:
             if self.checkpoint_path is not None and self.checkpoint_path.exists():
                 ck = load_checkpoint(self.checkpoint_path)
                 want = {"name": self.learner.spec["name"], "params": dict(self.learner.spec.get("params", {}))}
-                if not _same_learner({"name": ck.spec["name"], "params": dict(ck.spec.get("params", {}))}, want):
+                if not same_learner({"name": ck.spec["name"], "params": dict(ck.spec.get("params", {}))}, want):
                     raise ConfigError(f"checkpoint {self.checkpoint_path} holds learner {ck.spec}, not {want}: use "
                                       "the same learner and params, or another checkpoint path")
                 payload = [(ck.state, ck.offsets, ck.events_learned)]

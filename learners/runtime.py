@@ -44,7 +44,8 @@ import numpy as np
 
 from learners.base import ColumnExamples
 from learners.evaluate import prequential_step
-from learners.checkpoint import Checkpoint, flat_offsets, load_checkpoint, nest_offsets, save_checkpoint
+from learners.checkpoint import (Checkpoint, flat_offsets, load_checkpoint, nest_offsets, same_learner,
+                                 save_checkpoint)
 from streams.columns import EventColumns
 from streams.consumer import ConsumerCounts, EventConsumer, IdleTimer
 from streams.deadletter import DeadLetterWriter
@@ -262,7 +263,7 @@ class StreamLearnerRuntime:
         spec = self.learner.spec
         want = {"name": spec["name"], "params": dict(spec.get("params", {}))}
         have = {"name": ck.spec["name"], "params": dict(ck.spec.get("params", {}))}
-        if want != have:
+        if not same_learner(have, want):
             raise ConfigError(
                 f"checkpoint {self.checkpoint_path} holds learner {have}, not {want}: use the same learner "
                 "and params, or another checkpoint path"

@@ -176,3 +176,28 @@ def test_offset_shapes_convert_both_ways() -> None:
     flat = {("a", 1): 10, ("a", 0): 4, ("b", 2): 7}
     assert nest_offsets(flat) == {"a": {0: 4, 1: 10}, "b": {2: 7}}
     assert flat_offsets(nest_offsets(flat)) == flat
+
+
+def test_a_two_tower_built_by_hand_resumes_from_its_own_checkpoint(tmp_path) -> None:
+    # a fresh two-tower infers its fields from the first batch, so its spec says None where its
+    # checkpoint names them: resuming must accept that (and still refuse another learner)
+    import numpy as np
+
+    from learners.checkpoint import save_checkpoint
+    from learners.registry import make_learner
+    from learners.runtime import StreamLearnerRuntime
+    from streams.errors import ConfigError
+    from streams.transport import KafkaSettings
+
+    trained = make_learner("two-tower", out_dim=8, hidden=(8,), field_dim=4, seed=0)
+    xs = [{"user_id": f"u{n % 5}", "u:age": "a", "item_id": f"i{n % 7}", "i:genre": "g"} for n in range(64)]
+    trained.learn_many(xs, np.arange(64) % 2)
+    path = tmp_path / "tt.ckpt"
+    save_checkpoint(path, trained, {"events": {0: 64}}, events_learned=64)
+    fresh = make_learner("two-tower", out_dim=8, hidden=(8,), field_dim=4, seed=0)
+    rt = StreamLearnerRuntime(KafkaSettings("127.0.0.1:1"), fresh, "g", checkpoint_path=path)
+    assert rt.resumed_from is not None and rt.resumed_from.events_learned == 64
+    assert fresh.predict_proba_many(xs[:4]).tolist() == trained.predict_proba_many(xs[:4]).tolist()
+    other = make_learner("two-tower", out_dim=16, hidden=(8,), field_dim=4, seed=0)
+    with pytest.raises(ConfigError, match="holds learner"):
+        StreamLearnerRuntime(KafkaSettings("127.0.0.1:1"), other, "g", checkpoint_path=path)
