@@ -111,7 +111,8 @@ class HashedLogisticRegression:
         if optimizer == "ftrl":
             self._z = np.zeros(size)
             self._n = np.zeros(size)
-        self._slot = np.zeros(size, dtype=np.int64)  # scratch for de-duplicating coordinates
+        self._slot: np.ndarray | None = None  # the numpy step's scratch for de-duplicating coordinates (lazy:
+        # the kernels never need it, and it is 8 bytes per coordinate)
         self._scratch: tuple[np.ndarray, np.ndarray] | None = None  # the kernels' (gradient, mark)
         self._pending: np.ndarray | None = None  # deferred mode: the summed gradient not yet applied
         self._touched: np.ndarray | None = None  # deferred mode: the coordinates it touched
@@ -169,6 +170,8 @@ class HashedLogisticRegression:
         g_entry = err[batch.rows] * batch.vals
         # de-duplicate coordinates in O(N): each entry finds its coordinate's representative
         pos = np.arange(len(cols), dtype=np.int64)
+        if self._slot is None:
+            self._slot = np.zeros(len(self._w), dtype=np.int64)
         self._slot[cols] = pos
         rep = self._slot[cols]
         first = np.flatnonzero(rep == pos)
