@@ -125,11 +125,11 @@ class OnlineEvaluator:
         self.metrics = metrics
         self.shadows = dict(shadows or {})
         self._lock = threading.Lock()
+        # a model's slot is id(handle): _handles keeps the handle alive while it has references,
+        # so no other object can take that id meanwhile
         self._served: OrderedDict[str, int] = OrderedDict()  # request id -> model slot
         self._handles: dict[int, ModelHandle] = {}  # slot -> handle, while referenced
         self._refs: dict[int, int] = {}  # slot -> served requests + pending impressions
-        self._slot_of: dict[int, int] = {}  # id(handle) -> slot (the handle is alive: _handles holds it)
-        self._slots = itertools.count()
         self._pending: dict[tuple[str, str], _Pending] = {}
         self._heap: list[tuple[float, int, tuple[str, str]]] = []
         self._orphans: dict[tuple[str, str], float] = {}
@@ -143,13 +143,9 @@ class OnlineEvaluator:
 
     # ------------------------------------------------------------------ model slots (under the lock)
     def _ref(self, model: ModelHandle) -> int:
-        slot = self._slot_of.get(id(model))
-        if slot is None or self._handles.get(slot) is not model:
-            slot = next(self._slots)
-            self._slot_of[id(model)] = slot
-            self._handles[slot] = model
-            self._refs[slot] = 0
-        self._refs[slot] += 1
+        slot = id(model)
+        self._handles[slot] = model
+        self._refs[slot] = self._refs.get(slot, 0) + 1
         return slot
 
     def _unref(self, slot: int) -> None:
@@ -158,11 +154,8 @@ class OnlineEvaluator:
         left = self._refs[slot] - 1
         if left:
             self._refs[slot] = left
-            return
-        del self._refs[slot]
-        model = self._handles.pop(slot)
-        if self._slot_of.get(id(model)) == slot:
-            del self._slot_of[id(model)]
+        else:
+            del self._refs[slot], self._handles[slot]
 
     def models_held(self) -> int:
         """Model handles still referenced by a served request or a pending impression."""
