@@ -37,7 +37,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -55,6 +55,7 @@ __all__ = [
     "LearnerSource",
     "StaticLearnerSource",
     "CheckpointLearnerSource",
+    "prepare_before_serving",
     "IndexHolderLike",
     "ItemFeatureStore",
     "ItemSideCache",
@@ -204,6 +205,15 @@ def _default_loader(path: Path) -> ModelHandle:
     )
 
 
+def prepare_before_serving(prepare: Callable[..., Any], model: ModelHandle, *args: Any) -> None:
+    """Run ``prepare(model, *args)`` on a model about to serve; an exception is logged and
+    the model serves unprepared (preparing is an optimisation, never a reason not to serve)."""
+    try:
+        prepare(model, *args)
+    except Exception:
+        logger.exception("preparing model %s version %s failed; serving it unprepared", model.name, model.version)
+
+
 class CheckpointLearnerSource:
     """The latest learner checkpoint, reloaded when a newer one appears.
 
@@ -300,11 +310,7 @@ class CheckpointLearnerSource:
                                None if self._handle is None else self._handle.version)
                 return False
             if self.prepare is not None:
-                try:
-                    self.prepare(handle)
-                except Exception:  # preparing is an optimisation: never a reason not to serve
-                    logger.exception("preparing model %s version %s failed; serving it unprepared",
-                                     handle.name, handle.version)
+                prepare_before_serving(self.prepare, handle)
             self._handle = handle  # the one reference swap
             self._loaded_key = key
             self.last_error = None

@@ -27,7 +27,7 @@ import threading
 from typing import Any, Callable
 
 from indexer.item_follow import VersionLearner, version_learner
-from serving.scorer import ModelHandle
+from serving.scorer import ModelHandle, prepare_before_serving
 from streams.errors import TowerstreamError
 
 __all__ = ["VersionLearnerSource"]
@@ -101,11 +101,7 @@ class VersionLearnerSource:
             model = ModelHandle(learner=loaded.learner, name=loaded.name, version=loaded.events_learned,
                                 created_at=loaded.created_at, path=loaded.path)
             if self.prepare is not None:
-                try:
-                    self.prepare(model, base)
-                except Exception:  # preparing is an optimisation: never a reason not to serve
-                    logger.exception("preparing the model of index version %s failed; serving it unprepared",
-                                     version)
+                prepare_before_serving(self.prepare, model, base)
             models = dict(self._models)
             models[version] = model
             while len(models) > self.keep:  # the least recently loaded go first
