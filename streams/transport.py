@@ -559,6 +559,7 @@ class _CKConsumer:
         }
         config.update(_confluent_options(settings.options))
         self.group_id = group_id
+        self._reset = str(config.get("auto.offset.reset", "earliest"))
         self._incremental = ("cooperative" in str(config.get("partition.assignment.strategy", ""))
                              or config.get("group.protocol") == "consumer")
         try:
@@ -609,7 +610,33 @@ class _CKConsumer:
             begin = self._ck.OFFSET_BEGINNING
             self._c.assign([self._ctp(tp, begin) for tp in partitions])
         else:
-            self._c.assign([self._ctp(tp) for tp in partitions])
+            # A group: start where it committed, asked explicitly (with retries) rather than
+            # left to librdkafka, for the same reason: a fresh group on a fresh cluster gets
+            # NOT_COORDINATOR once and its partitions never start fetching (a distributed rank
+            # waited forever). No committed offset: auto.offset.reset, as librdkafka would.
+            tps = list(partitions)
+            start = self._committed_with_retry(tps)
+            reset = self._ck.OFFSET_END if self._reset in ("latest", "largest", "end") else self._ck.OFFSET_BEGINNING
+            self._c.assign([self._ctp(tp, reset if start.get(tp) is None else start[tp]) for tp in tps])
+
+    def _committed_with_retry(self, partitions: list[TopicPartition],
+                              timeout_s: float = 30.0) -> dict[TopicPartition, int | None]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                result = self._c.committed([self._ctp(tp) for tp in partitions], timeout=10)
+                errors = [p.error for p in result if p.error is not None]
+                if not errors:
+                    return {TopicPartition(p.topic, p.partition): (p.offset if p.offset >= 0 else None)
+                            for p in result}
+                why: Any = errors[0]
+            except self._ck.KafkaException as exc:
+                why = exc
+            if time.monotonic() >= deadline:
+                raise KafkaTransportError(f"could not read group {self.group_id!r}'s committed offsets within "
+                                          f"{timeout_s:g} s: {why}")
+            log.debug("committed offsets of %r not ready (%s); retrying", self.group_id, why)
+            time.sleep(0.2)
 
     def assignment(self) -> frozenset[TopicPartition]:
         return frozenset(TopicPartition(p.topic, p.partition) for p in self._c.assignment())

@@ -196,6 +196,79 @@ def test_commit_then_resume_in_the_same_group(kafka_bootstrap: str, client: str)
 
 @pytest.mark.kafka
 @pytest.mark.parametrize("client", CLIENTS)
+def test_assign_in_a_group_starts_at_its_commit_or_the_beginning(kafka_bootstrap: str, client: str) -> None:
+    """assign() with a group id (a distributed rank's static partitions): a group that
+    committed resumes there, a fresh one reads from offset 0. On confluent-kafka the
+    committed offsets are asked for explicitly: left to librdkafka, a fresh group's first
+    fetch of them can fail with NOT_COORDINATOR and the partition never starts."""
+    settings = KafkaSettings(kafka_bootstrap, client)
+    topic = f"t.gassign.{uuid.uuid4().hex[:8]}"
+    ensure_topics(settings, {topic: 2})
+    producer = make_producer(settings)
+    for i in range(40):
+        producer.send(topic, f"v{i}".encode(), key=b"k" if i % 2 else b"other")
+    producer.flush(30)
+    producer.close()
+    ends = end_offsets(settings, [topic])
+    tps = sorted(ends)
+
+    fresh = make_consumer(settings, f"g-fresh-{topic}")
+    try:
+        fresh.assign(tps)
+        got = _consume(fresh, 40)
+        assert sorted((r.partition, r.offset) for r in got) == sorted(
+            (tp.partition, off) for tp in tps for off in range(ends[tp]))
+    finally:
+        fresh.close()
+
+    group = f"g-done-{topic}"
+    full, other = sorted(tps, key=lambda tp: -ends[tp])  # commit where there are records past 3
+    assert ends[full] > 3
+    committer = make_consumer(settings, group)
+    committer.commit({full: 3})
+    committer.close()
+    resumed = make_consumer(settings, group)
+    try:
+        resumed.assign(tps)
+        got = _consume(resumed, 40 - 3)
+        # the committed partition from its commit; the other (no commit) from the beginning
+        assert sorted((r.partition, r.offset) for r in got) == sorted(
+            [(full.partition, off) for off in range(3, ends[full])]
+            + [(other.partition, off) for off in range(ends[other])])
+    finally:
+        resumed.close()
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_assign_in_a_fresh_group_on_a_fresh_cluster_starts_fetching(local_broker_config) -> None:  # type: ignore[no-untyped-def]
+    """The hang a distributed rank on confluent-kafka met: a just-started cluster answers a
+    new group's committed-offsets fetch with NOT_COORDINATOR once, and librdkafka's own
+    lookup (assign() without offsets) then never starts the partition. Measured before
+    the fix: no record in 40 s; after: every record."""
+    from streams.broker import LocalBroker
+
+    with LocalBroker(local_broker_config) as broker:
+        writer = KafkaSettings(broker.bootstrap, "kafka-python")  # as the rank's stream was written
+        topic = f"t.fresh.{uuid.uuid4().hex[:8]}"
+        ensure_topics(writer, {topic: 2})
+        producer = make_producer(writer)
+        for i in range(20):
+            producer.send(topic, f"v{i}".encode(), key=str(i).encode())
+        producer.flush(30)
+        producer.close()
+        consumer = make_consumer(KafkaSettings(broker.bootstrap, "confluent"), f"g-{topic}")
+        try:
+            consumer.assign([TopicPartition(topic, p) for p in consumer.partitions_for(topic)])
+            got = _consume(consumer, 20, deadline_s=40.0)
+        finally:
+            consumer.close()
+    assert sorted(r.value for r in got) == sorted(f"v{i}".encode() for i in range(20))
+
+
+@pytest.mark.kafka
+@pytest.mark.parametrize("client", CLIENTS)
 def test_assign_seek_position_and_rebalance_callbacks(kafka_bootstrap: str, client: str) -> None:
     settings = KafkaSettings(kafka_bootstrap, client)
     topic = f"t.seek.{uuid.uuid4().hex[:8]}"
