@@ -9,7 +9,8 @@ Then, for each world size in ``--ranks``, ``--runs`` runs, each ``torchrun --sta
 --world-size N`` (:class:`learners.distributed.DistributedLearnerRuntime`, a fresh consumer
 group, reading the whole topic from offset 0). Each rank writes its timing counters
 (``TOWERSTREAM_DIST_STATS``); only steps that learned events count, so start-up, the
-idle wait at the end and the final checkpoint are left out:
+idle wait at the end, the final checkpoint and the first learning step (the model's build
+and torch's lazy imports, ~1 s, printed as "warm-up") are left out:
 
 * events/s: events learned by the group / wall seconds of those steps (rank 0);
 * CPU-s per 1k events: CPU seconds of all ranks in those steps (each process, all its
@@ -56,7 +57,8 @@ sys.path.insert(0, str(REPO))
 def _worker(argv: list[str]) -> int:
     """One rank (run by torchrun): the body of ``towerstream learn --world-size N``."""
     ap = argparse.ArgumentParser()
-    for name in ("--bootstrap", "--prefix", "--group", "--checkpoint", "--optimizer", "--learner", "--sync"):
+    for name in ("--bootstrap", "--prefix", "--group", "--checkpoint", "--optimizer", "--learner", "--sync",
+                 "--client"):
         ap.add_argument(name, required=True)
     ap.add_argument("--bits", type=int, required=True)
     ap.add_argument("--batch-size", type=int, required=True)
@@ -74,7 +76,7 @@ def _worker(argv: list[str]) -> int:
     try:
         learner = (make_learner("lr", bits=a.bits, optimizer=a.optimizer) if a.learner == "lr"
                    else make_learner(a.learner))  # two-tower family: data-parallel; ctr: examples mode
-        rt = DistributedLearnerRuntime(KafkaSettings(a.bootstrap, "kafka-python"), learner, a.group,
+        rt = DistributedLearnerRuntime(KafkaSettings(a.bootstrap, a.client), learner, a.group,
                                        Topics(prefix=a.prefix), a.checkpoint, batch_size=a.batch_size,
                                        checkpoint_every_s=None, idle_timeout_s=2.0,
                                        sync_mode=None if a.sync == "auto" else a.sync)
@@ -110,10 +112,10 @@ def _run(args: argparse.Namespace, prefix: str, ranks: int, tmp: Path) -> dict[s
     cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", f"--nproc-per-node={ranks}",
            str(Path(__file__).resolve()), "--_worker", "--bootstrap", args.bootstrap, "--prefix", prefix,
            "--group", f"g-{tag}", "--checkpoint", str(tmp / f"{tag}.ckpt"), "--optimizer", args.optimizer,
-           "--learner", args.learner, "--sync", args.sync, "--bits", str(args.bits), "--batch-size", str(args.batch_size)]
+           "--learner", args.learner, "--sync", args.sync, "--client", args.client, "--bits", str(args.bits), "--batch-size", str(args.batch_size)]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=args.timeout,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "TOWERSTREAM_DIST_STATS": str(stats),
                                "PYTHONPATH": str(REPO)})
     wall = time.perf_counter() - t0
@@ -123,7 +125,8 @@ def _run(args: argparse.Namespace, prefix: str, ranks: int, tmp: Path) -> dict[s
     per = [json.loads(Path(f"{stats}.rank{r}.json").read_text()) for r in range(ranks)]
     w0 = per[0]["work"]
     return {
-        "events": w0["events"], "steps": w0["steps"],
+        "events": w0["events"], "steps": w0["steps"], "all_events": w0["events"] + per[0]["warmup"]["events"],
+        "warmup_s": per[0]["warmup"]["wall_s"],
         "events_per_s": w0["events"] / w0["wall_s"],
         "steps_per_s": w0["steps"] / w0["wall_s"],
         "cpu_s_per_1k": 1000 * sum(p["work"]["cpu_s"] for p in per) / w0["events"],
@@ -162,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="examples: replicated learning of the union on every rank (the pre-data-parallel "
                          "two-tower sync), for comparison")
     ap.add_argument("--batch-size", type=int, default=1000, help="records per step per rank")
+    ap.add_argument("--client", choices=("kafka-python", "confluent"),
+                    default=os.environ.get("TOWERSTREAM_KAFKA_CLIENT", "kafka-python"),
+                    help="Kafka client of the ranks (default: $TOWERSTREAM_KAFKA_CLIENT, else kafka-python)")
+    ap.add_argument("--timeout", type=float, default=600.0, help="seconds one torchrun may take")
     ap.add_argument("--hosts", type=int, default=8, help="world size of the multi-host note")
     ap.add_argument("--link-gbps", type=float, default=10.0, help="link speed of the multi-host note")
     ap.add_argument("--json", type=Path, default=None)
@@ -183,7 +190,7 @@ def _bench(args: argparse.Namespace) -> int:
           f"partitions; learner {args.learner}"
           + (f" bits={args.bits} optimizer={args.optimizer}" if args.learner == "lr" else f" (sync {args.sync})")
           + f"; batch {args.batch_size} "
-          f"records/step/rank; {args.runs} runs per world size, medians; OMP_NUM_THREADS=1")
+          f"records/step/rank; client {args.client}; {args.runs} runs per world size, medians; OMP_NUM_THREADS=1")
     results: dict[int, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-dist-") as tmp:
         for ranks in (int(r) for r in args.ranks.split(",")):
@@ -192,7 +199,7 @@ def _bench(args: argparse.Namespace) -> int:
             med["mode"] = runs[0]["mode"]
             med["runs_events_per_s"] = [round(r["events_per_s"]) for r in runs]
             results[ranks] = med
-            assert all(r["events"] == impressions for r in runs), [r["events"] for r in runs]
+            assert all(r["all_events"] == impressions for r in runs), [r["all_events"] for r in runs]
             print(f"ranks {ranks}: {med['events_per_s']:,.0f} events/s (runs {med['runs_events_per_s']}), "
                   f"{med['cpu_s_per_1k']:.3f} CPU-s/1k events, {med['steps_per_s']:.1f} steps/s "
                   f"({med['step_ms']:.1f} ms/step), all-reduce {med['allreduce_ms']:.2f} ms/step = "
@@ -202,7 +209,7 @@ def _bench(args: argparse.Namespace) -> int:
                      f"{med['reduce_bytes']:,.0f} B)" if med["mode"] == "data-parallel" else "")
                   + f"; rank 0 step: read {med['fill_ms']:.1f} ms, convert+predict {med['predict_ms']:.1f} ms, "
                     f"sync {med['sync_ms']:.1f} ms (learning + collectives)"
-                  + f"; sync mode {med['mode']}; whole process {med['process_wall_s']:.1f} s wall, "
+                  + f"; sync mode {med['mode']}; warm-up step {med['warmup_s']:.2f} s; whole process {med['process_wall_s']:.1f} s wall, "
                   f"{med['process_cpu_s']:.1f} CPU-s")
     print(f"# loadavg after {tuple(round(x, 2) for x in os.getloadavg())}")
 

@@ -272,10 +272,11 @@ class DistributedLearnerRuntime:
         self.allreduce_s = 0.0  # seconds inside dist.all_reduce alone (a subset of comm_s)
         self.gather_s = 0.0  # data-parallel: seconds inside the micro-batch all-gather (a subset of allreduce_s)
         self.gather_bytes = self.reduce_bytes = 0  # data-parallel: mean pickled payload / all-reduce bytes a step
-        # steps that learned events (group-wide): their count, wall and CPU seconds, sync share
+        # steps that learned events (group-wide), after the first: their count, wall and CPU seconds, sync share
         # and where a step's wall time goes: reading (poll + take), convert + predict, the sync (learning included)
         self.work = {"steps": 0, "events": 0, "wall_s": 0.0, "cpu_s": 0.0, "comm_s": 0.0, "allreduce_s": 0.0,
                      "fill_s": 0.0, "predict_s": 0.0, "sync_s": 0.0}
+        self.warmup = {"events": 0, "wall_s": 0.0, "cpu_s": 0.0}  # the first learning step, kept out of work
         self.resumed = False
         self._resume()
         self.mode = _sync_mode(learner, sync_mode)
@@ -457,6 +458,7 @@ class DistributedLearnerRuntime:
             "rank": self.rank, "world_size": self.world_size, "steps": self._steps, "elapsed_s": elapsed,
             "events_learned_run": self._learned_run, "comm_s": self.comm_s, "allreduce_s": self.allreduce_s,
             "bytes_per_step": self.bytes_per_step, "cpu_s": time.process_time(), "work": self.work,
+            "warmup": self.warmup,
             "mode": self.mode, "gather_s": self.gather_s, "gather_bytes": self.gather_bytes,
             "reduce_bytes": self.reduce_bytes}))
 
@@ -528,7 +530,9 @@ class DistributedLearnerRuntime:
 
     def _open(self) -> tuple[EventConsumer, list[TopicPartition]]:
         producer = make_producer(self.settings)
-        consumer = make_consumer(self.settings, self.group_id, max_poll_records=self.batch_size)
+        # eager: _fill loops until every partition has its share, so a poll must hand back what
+        # has arrived rather than wait (librdkafka's consume) to fill a whole batch
+        consumer = make_consumer(self.settings, self.group_id, max_poll_records=self.batch_size, eager=True)
         mine = [TopicPartition(self.topics.events, p)
                 for p in assign_partitions(consumer.partitions_for(self.topics.events), self.rank, self.world_size)]
         writer = DeadLetterWriter(producer, self.topics.dead_letter, self.group_id, clock=self.wall_clock)
@@ -558,9 +562,16 @@ class DistributedLearnerRuntime:
             short = [tp for tp, b in buffers.items() if len(b) < k]
             if not short:
                 break
+            # A short partition already read to its end (as of the last fetch: no round trip)
+            # has nothing to wait for: polling for it blocked every step poll_timeout_s once
+            # the first partition ran out (0.5 s a step, most of a 1-rank step's wall time).
+            # Only when nothing at all is buffered does the step wait for new records.
+            waiting = self._not_at_end(ec, short)
+            if not waiting and any(buffers.values()):
+                break
             batch = ec.poll_batch()
             if batch is None:
-                if self._caught_up(ec, short) or self._stop.is_set():
+                if self._caught_up(ec, waiting or short) or self._stop.is_set():
                     break
                 continue
             got = True
@@ -571,6 +582,18 @@ class DistributedLearnerRuntime:
             for tp, off in batch.offsets.items():  # dead letters at a partition's tail move it too
                 self._tail[tp] = max(self._tail.get(tp, 0), off)
         return got
+
+    @staticmethod
+    def _not_at_end(ec: EventConsumer, partitions: list[TopicPartition]) -> list[TopicPartition]:
+        """The ``partitions`` whose position is short of the high watermark of the last fetch
+        (or whose watermark is not known yet)."""
+        ends = ec.consumer.end_offsets(partitions, cached=True)
+        out = []
+        for tp in partitions:
+            pos = ec.consumer.position(tp)
+            if tp not in ends or pos is None or pos < ends[tp]:
+                out.append(tp)
+        return out
 
     @staticmethod
     def _caught_up(ec: EventConsumer, partitions: list[TopicPartition]) -> bool:
@@ -640,7 +663,12 @@ class DistributedLearnerRuntime:
                 t_end = time.perf_counter()
                 self._steps += 1
                 learned = int(total[0])
-                if learned:
+                if learned and not self.warmup["events"]:
+                    # the run's first learning step builds the model (and torch imports its
+                    # optimiser machinery, ~1 s): start-up, counted apart from the steady state
+                    self.warmup = {"events": learned, "wall_s": time.perf_counter() - t_step,
+                                   "cpu_s": time.process_time() - cpu_step}
+                elif learned:
                     w = self.work
                     w["steps"] += 1
                     w["events"] += learned

@@ -53,14 +53,14 @@ def _stream(kafka_bootstrap: str, n: int, seed: int = 3) -> tuple[KafkaSettings,
 
 
 def _learn(settings: KafkaSettings, topics: Topics, ckpt: Path, *extra: str, ranks: int = 2,
-           restarts: int = 0, learner: Sequence[str] = LR) -> subprocess.Popen:
+           restarts: int = 0, learner: Sequence[str] = LR, client: str = "kafka-python") -> subprocess.Popen:
     cmd = [str(TORCHRUN), "--standalone", f"--nproc-per-node={ranks}", f"--max-restarts={restarts}",
            "--module", "app.cli", "learn", "--world-size", str(ranks), *learner,
            "--bootstrap-servers", settings.bootstrap_servers, "--topic-prefix", topics.prefix,
            "--group", f"g-{topics.prefix}", "--checkpoint", str(ckpt), "--idle-timeout", "3",
            "--batch-size", "100", "--group-timeout", "30", "--no-create-topics", *extra]
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "TOWERSTREAM_KAFKA_CLIENT": client})
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 200) -> str:
@@ -151,11 +151,11 @@ def test_rank_without_its_group_times_out_with_a_message(tmp_path: Path) -> None
     assert "could not form the group" in proc.stderr and f"127.0.0.1:{port}" in proc.stderr
 
 
-def _clean_run(settings: KafkaSettings, topics: Topics, ckpt: Path, impressions: int):
+def _clean_run(settings: KafkaSettings, topics: Topics, ckpt: Path, impressions: int, client: str = "kafka-python"):
     """An uninterrupted 2-rank run over the whole topic; checks it is one model of every partition."""
     ends = _ends(settings, topics)
     assert all(ends[p] > 0 for p in range(PARTITIONS))
-    _finish(_learn(settings, topics, ckpt, "--checkpoint-every-n", "300"))
+    _finish(_learn(settings, topics, ckpt, "--checkpoint-every-n", "300", client=client))
     ck = load_checkpoint(ckpt)
     assert ck.offsets == {topics.events: ends}  # every partition, at its end
     assert ck.events_learned == impressions
@@ -167,9 +167,11 @@ def _clean_run(settings: KafkaSettings, topics: Topics, ckpt: Path, impressions:
 
 
 @pytest.mark.kafka
-def test_two_ranks_end_with_one_model_and_every_partitions_offset(kafka_bootstrap: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_two_ranks_end_with_one_model_and_every_partitions_offset(kafka_bootstrap: str, tmp_path: Path,
+                                                                   client: str) -> None:
     settings, topics, impressions = _stream(kafka_bootstrap, 6000)
-    _clean_run(settings, topics, tmp_path / "clean.ckpt", impressions)
+    _clean_run(settings, topics, tmp_path / "clean.ckpt", impressions, client)
 
 
 @pytest.mark.kafka
