@@ -559,7 +559,9 @@ class _CKConsumer:
         }
         config.update(_confluent_options(settings.options))
         self.group_id = group_id
-        self._reset = str(config.get("auto.offset.reset", "earliest"))
+        # where assign() in a group starts a partition without a commit (as librdkafka would)
+        self._reset_offset = (ck.OFFSET_END if str(config.get("auto.offset.reset")) in ("latest", "largest", "end")
+                              else ck.OFFSET_BEGINNING)
         self._incremental = ("cooperative" in str(config.get("partition.assignment.strategy", ""))
                              or config.get("group.protocol") == "consumer")
         try:
@@ -615,28 +617,8 @@ class _CKConsumer:
             # NOT_COORDINATOR once and its partitions never start fetching (a distributed rank
             # waited forever). No committed offset: auto.offset.reset, as librdkafka would.
             tps = list(partitions)
-            start = self._committed_with_retry(tps)
-            reset = self._ck.OFFSET_END if self._reset in ("latest", "largest", "end") else self._ck.OFFSET_BEGINNING
-            self._c.assign([self._ctp(tp, reset if start.get(tp) is None else start[tp]) for tp in tps])
-
-    def _committed_with_retry(self, partitions: list[TopicPartition],
-                              timeout_s: float = 30.0) -> dict[TopicPartition, int | None]:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                result = self._c.committed([self._ctp(tp) for tp in partitions], timeout=10)
-                errors = [p.error for p in result if p.error is not None]
-                if not errors:
-                    return {TopicPartition(p.topic, p.partition): (p.offset if p.offset >= 0 else None)
-                            for p in result}
-                why: Any = errors[0]
-            except self._ck.KafkaException as exc:
-                why = exc
-            if time.monotonic() >= deadline:
-                raise KafkaTransportError(f"could not read group {self.group_id!r}'s committed offsets within "
-                                          f"{timeout_s:g} s: {why}")
-            log.debug("committed offsets of %r not ready (%s); retrying", self.group_id, why)
-            time.sleep(0.2)
+            start = self.committed(tps)
+            self._c.assign([self._ctp(tp, self._reset_offset if start[tp] is None else start[tp]) for tp in tps])
 
     def assignment(self) -> frozenset[TopicPartition]:
         return frozenset(TopicPartition(p.topic, p.partition) for p in self._c.assignment())
@@ -688,8 +670,24 @@ class _CKConsumer:
         return tp.offset if tp.offset >= 0 else None
 
     def committed(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int | None]:
-        result = self._c.committed([self._ctp(tp) for tp in partitions], timeout=10)
-        return {TopicPartition(p.topic, p.partition): (p.offset if p.offset >= 0 else None) for p in result}
+        # retried for 30 s: a fresh group on a fresh cluster answers NOT_COORDINATOR at first
+        ctps = [self._ctp(tp) for tp in partitions]
+        timeout_s = 30.0
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                result = self._c.committed(ctps, timeout=10)
+                why: Any = next((p.error for p in result if p.error is not None), None)
+                if why is None:
+                    return {TopicPartition(p.topic, p.partition): (p.offset if p.offset >= 0 else None)
+                            for p in result}
+            except self._ck.KafkaException as exc:
+                why = exc
+            if time.monotonic() >= deadline:
+                raise KafkaTransportError(f"could not read group {self.group_id!r}'s committed offsets within "
+                                          f"{timeout_s:g} s: {why}")
+            log.debug("committed offsets of %r not ready (%s); retrying", self.group_id, why)
+            time.sleep(0.2)
 
     def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
         if not offsets:
