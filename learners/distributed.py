@@ -566,7 +566,7 @@ class DistributedLearnerRuntime:
             # has nothing to wait for: polling for it blocked every step poll_timeout_s once
             # the first partition ran out (0.5 s a step, most of a 1-rank step's wall time).
             # Only when nothing at all is buffered does the step wait for new records.
-            waiting = self._not_at_end(ec, short)
+            waiting = self._behind(ec, short, cached=True)
             if not waiting and any(buffers.values()):
                 break
             batch = ec.poll_batch()
@@ -584,29 +584,26 @@ class DistributedLearnerRuntime:
         return got
 
     @staticmethod
-    def _not_at_end(ec: EventConsumer, partitions: list[TopicPartition]) -> list[TopicPartition]:
-        """The ``partitions`` whose position is short of the high watermark of the last fetch
-        (or whose watermark is not known yet)."""
-        ends = ec.consumer.end_offsets(partitions, cached=True)
-        out = []
+    def _behind(ec: EventConsumer, partitions: list[TopicPartition], *, cached: bool) -> list[TopicPartition]:
+        """The ``partitions`` whose position is short of their end offset: the high watermark
+        of the last fetch (``cached``, no round trip; a partition not fetched yet is behind)
+        or the broker's answer now (a partition it gives no end for is not)."""
+        ends = ec.consumer.end_offsets(partitions, cached=cached)
+        unknown = float("inf") if cached else 0
+        behind = []
         for tp in partitions:
             pos = ec.consumer.position(tp)
-            if tp not in ends or pos is None or pos < ends[tp]:
-                out.append(tp)
-        return out
+            if pos is None or pos < ends.get(tp, unknown):
+                behind.append(tp)
+        return behind
 
-    @staticmethod
-    def _caught_up(ec: EventConsumer, partitions: list[TopicPartition]) -> bool:
+    @classmethod
+    def _caught_up(cls, ec: EventConsumer, partitions: list[TopicPartition]) -> bool:
         try:
-            ends = ec.consumer.end_offsets(partitions)
+            return not cls._behind(ec, partitions, cached=False)
         except StreamsError as exc:
             log.debug("could not read end offsets: %r", exc)
             return True  # count it as caught up: the next step polls again
-        for tp in partitions:
-            pos = ec.consumer.position(tp)
-            if pos is None or pos < ends.get(tp, 0):
-                return False
-        return True
 
     def _take(self, buffers: dict[TopicPartition, deque], k: int) -> list[Any]:
         events: list[Any] = []
